@@ -1,0 +1,64 @@
+"""`skipjack <command> [hydra overrides]`: train, preprocess.
+
+Each command is a Hydra app over the config tree in skipjack/configs, so overrides, `--cfg job`,
+`--help` and `-m` sweeps work as Hydra users expect. Started under a launcher that set RANK
+(torchrun, srun, Ray), only rank 0 lets Hydra write its run directory; the trainer hands rank 0's
+directory to every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from skipjack.config import ConfigError, register_configs
+
+COMMANDS = ("train", "preprocess")
+USAGE = f"usage: skipjack {{{','.join(COMMANDS)}}} [hydra overrides] (skipjack COMMAND --help)"
+
+
+def _fail(error: ConfigError) -> None:
+    print(f"skipjack: config error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def train_app(cfg: DictConfig) -> None:
+    from skipjack.trainer.trainer import train
+
+    try:
+        train(cfg)
+    except ConfigError as e:
+        _fail(e)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="preprocess")
+def preprocess_app(cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
+    from skipjack.data.preprocess import run_preprocess
+
+    try:
+        run_preprocess(OmegaConf.to_object(cfg))
+    except ConfigError as e:
+        _fail(e)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    command, overrides = argv[0], argv[1:]
+    if command == "train" and os.environ.get("RANK", "0") != "0":
+        overrides += ["hydra.output_subdir=null", "hydra.run.dir=."]
+    register_configs()
+    sys.argv = [f"skipjack {command}", *overrides]
+    {"train": train_app, "preprocess": preprocess_app}[command]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Structured config schema: every knob of a skipjack job, with its default and its check.
+
+The dataclasses are registered in Hydra's ConfigStore; the YAML tree in `skipjack/configs/` fills
+them. `validate()` runs before any work starts and raises `ConfigError` naming the field and the
+fix, so a bad value costs seconds, not a queued job.
+"""
+
+from __future__ import annotations  # the schema's Optional[...] stays: OmegaConf 2.3 needs it
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the field and says what to do."""
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"{field_name}: {problem}")
+        self.field_name = field_name
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama-3 frequency scaling of RoPE (rope_type "llama3" in Hugging Face configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family architecture. Presets live in configs/model/<name>.yaml."""
+
+    name: str = MISSING
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    n_kv_heads: int = MISSING
+    ffn_dim: int = MISSING
+    vocab_size: int = MISSING
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    `kind=builtin` trains on the Python standard library's source (on every machine, cached after
+    first use). `kind=indexed` reads Megatron indexed datasets made by `skipjack preprocess`:
+    `paths` is a blend, either prefixes alone or alternating weight and prefix.
+    """
+
+    kind: str = "builtin"
+    paths: list[str] = field(default_factory=list)
+    split: str = "98,2,0"
+    tokenizer: Optional[str] = None
+    tokenizer_vocab_size: int = 4096
+    cache_dir: str = "${oc.env:SKIPJACK_CACHE,'~/.cache/skipjack'}"
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. `dp=-1` means world size / (pp x tp)."""
+
+    dp: int = -1
+    tp: int = 1
+    pp: int = 1
+    bucket_mb: float = 25.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    """Persistent checkpoints arrive with the sharded-checkpoint issue; `interval=0` is off."""
+
+    interval: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    progress: bool = True
+    plot: bool = True
+    wandb: bool = True
+    wandb_mode: str = "offline"
+    wandb_project: str = "skipjack"
+
+
+@dataclass
+class LaunchConfig:
+    """How the job is started. `local`: in this process (or under a launcher that set ranks)."""
+
+    name: str = "local"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seq_len: int = 128
+    val_interval: int = 50
+    val_batches: int = 4
+    device: str = "auto"
+    dtype: str = "bf16"
+    seed: int = 1234
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class TrainJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class PreprocessConfig:
+    """`skipjack preprocess`: text/jsonl files -> Megatron indexed dataset (.bin/.idx)."""
+
+    inputs: list[str] = field(default_factory=list)
+    output_prefix: str = MISSING
+    json_key: str = "text"
+    tokenizer: Optional[str] = None
+    tokenizer_vocab_size: int = 4096
+    cache_dir: str = "${oc.env:SKIPJACK_CACHE,'~/.cache/skipjack'}"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainJobConfig)
+    cs.store(name="preprocess_schema", node=PreprocessConfig)
+
+
+_DATA_KINDS = ("builtin", "indexed")
+_DEVICES = ("auto", "cpu", "cuda")
+_DTYPES = ("fp32", "bf16")
+_WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(name, f"must be > 0, got {value}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.dim % m.n_heads:
+        raise ConfigError(
+            "model.n_heads", f"dim={m.dim} is not divisible by n_heads={m.n_heads}; pick a divisor"
+        )
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            "model.n_kv_heads",
+            f"n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}; pick a divisor",
+        )
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.dim", "head dim (dim / n_heads) must be even for RoPE")
+
+
+def validate(cfg: TrainJobConfig, world_size: int) -> None:
+    """Check a resolved train config against the world it will run in. Raises ConfigError."""
+    validate_model(cfg.model)
+    t, p = cfg.train, cfg.parallel
+    for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "val_interval"):
+        _positive(f"train.{name}", getattr(t, name))
+    if t.val_batches < 0:
+        raise ConfigError("train.val_batches", f"must be >= 0, got {t.val_batches}")
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            "train.seq_len",
+            f"{t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; shorten it",
+        )
+    if t.device not in _DEVICES:
+        raise ConfigError("train.device", f"unknown device {t.device!r}; use one of {_DEVICES}")
+    if t.dtype not in _DTYPES:
+        raise ConfigError("train.dtype", f"unknown dtype {t.dtype!r}; use one of {_DTYPES}")
+
+    _positive("parallel.tp", p.tp)
+    _positive("parallel.pp", p.pp)
+    _positive("parallel.bucket_mb", p.bucket_mb)
+    for name, degree in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
+        if degree != 1:
+            raise ConfigError(name, "only 1 is supported so far (tensor/pipeline issues pending)")
+    dp = resolve_dp(p, world_size)
+    if t.global_batch_size % (dp * t.micro_batch_size):
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by dp x micro_batch_size = "
+            f"{dp} x {t.micro_batch_size}; make it a multiple of {dp * t.micro_batch_size}",
+        )
+
+    o = cfg.optim
+    if o.name != "adamw":
+        raise ConfigError("optim.name", f"unknown optimizer {o.name!r}; use 'adamw'")
+    _positive("optim.lr", o.lr)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+
+    validate_data(cfg.data)
+    if cfg.checkpoint.interval:
+        raise ConfigError(
+            "checkpoint.interval",
+            "persistent checkpoints are not available yet (sharded-checkpoint issue); set 0",
+        )
+    lg = cfg.logging
+    _positive("logging.interval", lg.interval)
+    if lg.wandb_mode not in _WANDB_MODES:
+        raise ConfigError(
+            "logging.wandb_mode", f"unknown mode {lg.wandb_mode!r}; use one of {_WANDB_MODES}"
+        )
+    if cfg.launch.name != "local":
+        raise ConfigError(
+            "launch.name", f"unknown launcher {cfg.launch.name!r}; use 'local' (or torchrun it)"
+        )
+
+
+def validate_data(d: DataConfig) -> None:
+    if d.kind not in _DATA_KINDS:
+        raise ConfigError("data.kind", f"unknown kind {d.kind!r}; use one of {_DATA_KINDS}")
+    if d.kind == "indexed":
+        if not d.paths:
+            raise ConfigError(
+                "data.paths", "data.kind=indexed needs dataset prefixes (from skipjack preprocess)"
+            )
+        for prefix in parse_blend(d.paths)[0]:
+            for suffix in (".bin", ".idx"):
+                if not os.path.exists(os.path.expanduser(prefix) + suffix):
+                    raise ConfigError(
+                        "data.paths",
+                        f"{prefix}{suffix} does not exist; run `skipjack preprocess` to make it",
+                    )
+    if d.tokenizer is not None and not os.path.exists(os.path.expanduser(d.tokenizer)):
+        raise ConfigError(
+            "data.tokenizer", f"{d.tokenizer} does not exist; give a tokenizer.json or null"
+        )
+    split = [s for s in d.split.split(",") if s.strip()]
+    try:
+        parts = [float(s) for s in split]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0 or parts[1] <= 0:
+        raise ConfigError(
+            "data.split", f"{d.split!r} must be 'train,valid,test' weights with valid > 0"
+        )
+
+
+def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
+    """A blend written as `[w1, p1, w2, p2, ...]` or `[p1, p2, ...]` -> (prefixes, weights)."""
+    weighted = len(paths) % 2 == 0 and all(_is_number(p) for p in paths[0::2])
+    if weighted:
+        return list(paths[1::2]), [float(w) for w in paths[0::2]]
+    return list(paths), None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def resolve_dp(p: ParallelConfig, world_size: int) -> int:
+    model_parallel = p.tp * p.pp
+    if p.dp == -1:
+        if world_size % model_parallel:
+            raise ConfigError(
+                "parallel.tp",
+                f"world size {world_size} is not divisible by pp x tp = {model_parallel}",
+            )
+        return world_size // model_parallel
+    _positive("parallel.dp", p.dp)
+    if p.dp * model_parallel != world_size:
+        raise ConfigError(
+            "parallel.dp",
+            f"dp x pp x tp = {p.dp} x {p.pp} x {p.tp} != world size {world_size}; "
+            "set parallel.dp=-1 to derive it or launch that many processes",
+        )
+    return p.dp

@@ -1,0 +1,273 @@
+"""Llama family: RMSNorm, RoPE (theta, optional Llama-3 scaling), SwiGLU, grouped-query attention.
+
+A model is built per pipeline stage: `Llama(cfg, stage)` allocates only the blocks in
+`stage.layers` (keyed by their global index), the embedding on the first stage and the final norm
+and output layer on the last. Parameters are created on the meta device and materialised by
+`init_weights`, which draws every tensor from a generator seeded by (seed, parameter name). The
+values therefore do not depend on which stage, rank or layout builds them: any partition of the
+model holds exactly the slices of the single-process model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from skipjack.config import ConfigError, ModelConfig, validate_model
+
+PRESETS = (
+    "tiny",
+    "llama_60m",
+    "llama_130m",
+    "llama_350m",
+    "llama_1b",
+    "tinyllama_1_1b",
+    "llama3_8b",
+)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a named preset (the YAML in configs/model/ is the one source)."""
+    if name not in PRESETS:
+        raise ConfigError("model", f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    text = resources.files("skipjack.configs.model").joinpath(f"{name}.yaml").read_text()
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.create(text), overrides)
+    cfg = OmegaConf.to_object(merged)
+    validate_model(cfg)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Which part of the model one pipeline stage owns."""
+
+    layers: range
+    first: bool
+    last: bool
+
+    @staticmethod
+    def whole(n_layers: int) -> Stage:
+        return Stage(range(n_layers), True, True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with Llama-3's wavelength-dependent scaling if configured."""
+    head_dim = cfg.dim // cfg.n_heads
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    )
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, blended)
+    scaled = torch.where(wavelen < high_wavelen, inv_freq, scaled)
+    return scaled.float()
+
+
+def rope_cos_sin(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(max_seq_len, head_dim/2, 2) table of cos and sin per position and frequency."""
+    inv_freq = rope_frequencies(cfg).to(device)
+    angles = torch.outer(
+        torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq
+    )
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position angles."""
+    seq = x.shape[1]
+    cos, sin = table[:seq, None, :, 0], table[:seq, None, :, 1]
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """One pipeline stage of a Llama model (the whole model when `stage` is omitted).
+
+    forward(tokens) on the first stage, forward(hidden) on the others; the last stage returns
+    logits, the others hidden states.
+    """
+
+    def __init__(self, cfg: ModelConfig, stage: Stage | None = None):
+        super().__init__()
+        validate_model(cfg)
+        self.cfg = cfg
+        self.stage = stage or Stage.whole(cfg.n_layers)
+        if self.stage.layers.stop > cfg.n_layers:
+            raise ValueError(f"stage layers {self.stage.layers} exceed n_layers={cfg.n_layers}")
+        if cfg.tie_embeddings and not (self.stage.first and self.stage.last):
+            raise ConfigError(
+                "model.tie_embeddings", "tied embeddings need the embedding and output on one stage"
+            )
+        with torch.device("meta"):
+            self.tok_embeddings = (
+                nn.Embedding(cfg.vocab_size, cfg.dim) if self.stage.first else None
+            )
+            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in self.stage.layers})
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if self.stage.last else None
+            self.output = (
+                nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+                if self.stage.last and not cfg.tie_embeddings
+                else None
+            )
+        self.register_buffer("rope", torch.empty(0), persistent=False)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.cfg.tie_embeddings else self.output.weight
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(inputs) if self.stage.first else inputs
+        for block in self.layers.values():
+            if self.cfg.activation_checkpointing and self.training:
+                h = checkpoint(block, h, self.rope, use_reentrant=False)
+            else:
+                h = block(h, self.rope)
+        if not self.stage.last:
+            return h
+        return F.linear(self.norm(h), self.output_weight())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, device: torch.device | str = "cpu") -> Llama:
+        """Materialise on `device` and fill every parameter from (seed, its global name)."""
+        self.to_empty(device=device)
+        for name, param in self.named_parameters():
+            param.copy_(initial_value(self.cfg, name, seed))
+        self.rope = rope_cos_sin(self.cfg, device)
+        return self
+
+
+def _init_std(cfg: ModelConfig, name: str) -> float:
+    """Normal(0, init_std); residual projections scaled by 1/sqrt(2 n_layers) (GPT-2 style)."""
+    if name.endswith(("wo.weight", "w2.weight")):
+        return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    return cfg.init_std
+
+
+def initial_value(cfg: ModelConfig, name: str, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial tensor of parameter `name`, the same in every layout."""
+    shape = parameter_shape(cfg, name)
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randn(shape, generator=gen) * _init_std(cfg, name)
+
+
+def parameter_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    head_dim = cfg.dim // cfg.n_heads
+    leaf = name.split(".")[-2]
+    shapes = {
+        "tok_embeddings": (cfg.vocab_size, cfg.dim),
+        "output": (cfg.vocab_size, cfg.dim),
+        "wq": (cfg.n_heads * head_dim, cfg.dim),
+        "wk": (cfg.n_kv_heads * head_dim, cfg.dim),
+        "wv": (cfg.n_kv_heads * head_dim, cfg.dim),
+        "wo": (cfg.dim, cfg.n_heads * head_dim),
+        "w1": (cfg.ffn_dim, cfg.dim),
+        "w3": (cfg.ffn_dim, cfg.dim),
+        "w2": (cfg.dim, cfg.ffn_dim),
+    }
+    if leaf in shapes:
+        return shapes[leaf]
+    if name.endswith("norm.weight"):
+        return (cfg.dim,)
+    raise KeyError(f"no parameter named {name!r} in a Llama model")
+
+
+def num_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Parameter count of the whole model (computed, no allocation)."""
+    head_dim = cfg.dim // cfg.n_heads
+    attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    block = attn + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
+    emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    return cfg.n_layers * block + cfg.dim + (emb if embeddings else 0)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L d s.
+
+    N counts the non-embedding parameters plus the output layer (the embedding lookup is no
+    matmul); 12 L d s is the attention score and value matmuls (causal masking not discounted).
+    """
+    n = num_parameters(cfg, embeddings=False) + cfg.vocab_size * cfg.dim
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len

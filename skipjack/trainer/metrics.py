@@ -1,0 +1,161 @@
+"""Training metrics: throughput, FLOPs, memory; console progress, metrics.jsonl, wandb, plot.
+
+FLOPs are model FLOPs per token from `models.llama.flops_per_token` (6 N + 12 L d s, PaLM
+appendix B) times the tokens of a step, whatever the layout. On CUDA the achieved FLOP/s is
+reported as MFU against the GPU's dense bf16 peak; on CPU there is no meaningful peak, so the
+achieved FLOP/s itself is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Metrics:
+    """Collects per-step numbers; only the process with `enabled=True` (rank 0) writes them."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        flops_per_token: float,
+        device: torch.device,
+        enabled: bool,
+        progress: bool,
+        wandb_run=None,
+        start_step: int = 0,
+    ):
+        self.run_dir = run_dir
+        self.flops_per_token = flops_per_token
+        self.device = device
+        self.enabled = enabled
+        self.peak = peak_flops(device)
+        self.flops_total = 0.0
+        self.tokens_total = 0
+        self.history: list[dict] = []
+        self.wandb_run = wandb_run
+        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._progress = None
+        if enabled and progress:
+            self._progress = Progress(
+                TextColumn("[bold]step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
+                TimeRemainingColumn(),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0
+            )
+
+    def step(
+        self,
+        step: int,
+        tokens: int,
+        seconds: float,
+        loss: float | None = None,
+        lr: float | None = None,
+        grad_norm: float | None = None,
+        val_loss: float | None = None,
+        log: bool = True,
+    ) -> dict:
+        """Account one step of `tokens` that took `seconds`; write it when `log` or validated."""
+        self.tokens_total += tokens
+        self.flops_total += tokens * self.flops_per_token
+        record = {"step": step}
+        if loss is not None:
+            seconds = max(seconds, 1e-9)
+            record.update(
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens=self.tokens_total,
+                tokens_per_s=tokens / seconds,
+                flops_total=self.flops_total,
+                flops_per_s=tokens * self.flops_per_token / seconds,
+                peak_memory_bytes=peak_memory_bytes(self.device),
+            )
+            if self.peak:
+                record["mfu"] = record["flops_per_s"] / self.peak
+        if val_loss is not None:
+            record.update(val_loss=val_loss, val_ppl=_perplexity(val_loss))
+        if self._progress is not None:
+            fields = {"loss": loss, "tps": record["tokens_per_s"]} if loss is not None else {}
+            self._progress.update(self._task, completed=step, **fields)
+            if val_loss is not None:
+                self._progress.console.print(
+                    f"step {step}: val_loss {val_loss:.4f}  ppl {record['val_ppl']:.2f}"
+                )
+        if self.enabled and (log or val_loss is not None):
+            self.history.append(record)
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log(record, step=step)
+        return record
+
+    def close(self) -> None:
+        """Stop the progress bar and close the outputs."""
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    def plot(self, path: Path, title: str) -> Path:
+        return plot_losses(self.history, path, title)
+
+
+def _perplexity(loss: float) -> float:
+    return float(torch.tensor(loss).exp()) if loss < 50 else float("inf")
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> Path:
+    """Training and validation loss against step, written as PNG (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss", linewidth=1.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,258 @@
+"""The trainer: wires config, parallel layout, data, model, optimizer and metrics; the step loop.
+
+Batch sizes are in sequences: `global_batch_size` per optimizer step, `micro_batch_size` per
+forward; the accumulation steps follow from them and the dp degree, so changing the layout never
+changes the math. Every micro-batch loss is a sum over its target tokens divided by the global
+count of target tokens of the step, so gradients summed over micro-batches and replicas are the
+gradient of the global mean loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
+from skipjack.data.loader import MicroBatch, ShardedLoader
+from skipjack.data.source import build_datasets
+from skipjack.models.llama import Llama, flops_per_token, num_parameters
+from skipjack.optim.builder import build_lr_schedule, build_optimizer
+from skipjack.parallel.data_parallel import GradientSync
+from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
+from skipjack.trainer.metrics import Metrics
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA; CPU runs in fp32 (CPU bf16 matmuls are slower, not faster)."""
+    if device.type == "cuda" and dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def count_targets(micro: list[MicroBatch], group: dist.ProcessGroup) -> torch.Tensor:
+    """Target tokens of the whole global batch (all micro-batches, all replicas)."""
+    n = torch.tensor(float(sum(int((labels != -100).sum()) for _, labels in micro)))
+    dist.all_reduce(n, group=group)
+    return n
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micro: list[MicroBatch],
+    grad_sync: GradientSync,
+    dp_group: dist.ProcessGroup,
+    device: torch.device,
+    dtype: str = "fp32",
+) -> float:
+    """Accumulate the gradient of the global mean loss over micro-batches and replicas."""
+    n_targets = count_targets(micro, dp_group).to(device)
+    loss_sum = torch.zeros((), device=device)
+    for tokens, labels in micro:
+        with autocast_for(device, dtype):
+            logits = model(tokens.to(device))
+        loss = (
+            F.cross_entropy(
+                logits.float().flatten(0, 1),
+                labels.to(device).flatten(),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            / n_targets
+        )
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_sync.all_reduce()
+    dist.all_reduce(loss_sum, group=dp_group)
+    return float(loss_sum)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    micro: list[MicroBatch],
+    dp_group: dist.ProcessGroup,
+    device: torch.device,
+    dtype: str = "fp32",
+) -> float:
+    """Mean loss per target token over the validation micro-batches of every replica."""
+    model.eval()
+    totals = torch.zeros(2, device=device)
+    for tokens, labels in micro:
+        with autocast_for(device, dtype):
+            logits = model(tokens.to(device))
+        labels = labels.to(device).flatten()
+        totals[0] += F.cross_entropy(
+            logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="sum"
+        )
+        totals[1] += (labels != -100).sum()
+    dist.all_reduce(totals, group=dp_group)
+    model.train()
+    return float(totals[0] / totals[1])
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+) -> float:
+    """Clip to the global norm (all gradients are whole on every rank for now), step, zero."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _broadcast_run_dir(cfg: TrainJobConfig) -> Path:
+    """Rank 0's output directory, the one every rank writes into."""
+    holder = [cfg.train.output_dir]
+    dist.broadcast_object_list(holder, src=0)
+    run_dir = Path(holder[0])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    tmp = run_dir / f".config.yaml.tmp{os.getpid()}"
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def _wandb_run(cfg: TrainJobConfig, run_dir: Path, resolved: dict):
+    if not cfg.logging.wandb or cfg.logging.wandb_mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        mode=cfg.logging.wandb_mode,
+        dir=str(run_dir),
+        config=resolved,
+        name=run_dir.name,
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run a training job; returns a summary (run dir, first/last validation loss, outputs)."""
+    job: TrainJobConfig = OmegaConf.to_object(cfg)
+    t = job.train
+    validate(job, int(os.environ.get("WORLD_SIZE", "1")))
+    device = device_for_rank(t.device)
+    rank, world = init_distributed(device)
+    dims = ParallelDims(
+        dp=resolve_dp(job.parallel, world), pp=job.parallel.pp, tp=job.parallel.tp, rank=rank
+    ).build_groups()
+    dp_group = dims.group("dp")
+    lead = rank == 0
+    run_dir = _broadcast_run_dir(job)
+    if lead:
+        _write_config(cfg, run_dir)
+
+    total_val = t.val_batches * t.global_batch_size
+    train_set, val_set, tokenizer = build_datasets(
+        job.data, t.seq_len, t.seed, (t.steps * t.global_batch_size, total_val)
+    )
+    if tokenizer.vocab_size > job.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"{job.model.vocab_size} is smaller than the "
+            f"tokenizer's {tokenizer.vocab_size}; raise it or shrink the tokenizer",
+        )
+    loader = ShardedLoader(
+        train_set, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp
+    )
+    val_loader = ShardedLoader(
+        val_set, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp
+    )
+    val_batches = [
+        mb for b in range(t.val_batches) for mb in val_loader.batch_at(b * t.global_batch_size)
+    ]
+
+    torch.manual_seed(t.seed)
+    model = Llama(job.model).init_weights(t.seed, device)
+    optimizer = build_optimizer(model, job.optim, device)
+    schedule = build_lr_schedule(optimizer, job.optim, t.steps)
+    grad_sync = GradientSync(model.parameters(), dp_group, job.parallel.bucket_mb)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    metrics = Metrics(
+        run_dir,
+        t.steps,
+        flops_per_token(job.model, t.seq_len),
+        device,
+        enabled=lead,
+        progress=job.logging.progress,
+        wandb_run=_wandb_run(job, run_dir, resolved) if lead else None,
+    )
+    if lead:
+        print(
+            f"skipjack: {job.model.name} ({num_parameters(job.model) / 1e6:.1f}M parameters) "
+            f"dp={dims.dp} on {device}, {t.steps} steps x {t.global_batch_size} sequences x "
+            f"{t.seq_len} tokens, accumulation {loader.accumulation_steps}; run dir {run_dir}"
+        )
+
+    val_losses = []
+    if val_batches:
+        val_losses.append(evaluate(model, val_batches, dp_group, device, t.dtype))
+        metrics.step(0, 0, 0.0, val_loss=val_losses[-1])
+    step_tokens = t.global_batch_size * t.seq_len
+    for step in range(1, t.steps + 1):
+        started = time.perf_counter()
+        loss = forward_backward(model, loader.next(), grad_sync, dp_group, device, t.dtype)
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = optimizer_step(model, optimizer, schedule, job.optim.grad_clip)
+        seconds = time.perf_counter() - started
+        val_loss = None
+        if val_batches and (step % t.val_interval == 0 or step == t.steps):
+            val_loss = evaluate(model, val_batches, dp_group, device, t.dtype)
+            val_losses.append(val_loss)
+        metrics.step(
+            step,
+            step_tokens,
+            seconds,
+            loss,
+            lr,
+            grad_norm,
+            val_loss,
+            log=step % job.logging.interval == 0 or step == t.steps,
+        )
+    metrics.close()
+
+    summary = {
+        "run_dir": str(run_dir),
+        "val_losses": val_losses,
+        "config": str(run_dir / "config.yaml"),
+        "metrics": str(run_dir / "metrics.jsonl"),
+    }
+    if lead and job.logging.plot:
+        summary["plot"] = str(metrics.plot(run_dir / "loss.png", f"skipjack {job.model.name}"))
+    if lead:
+        print(
+            f"skipjack: done. val_loss {val_losses[0]:.4f} -> {val_losses[-1]:.4f}"
+            if val_losses
+            else "skipjack: done."
+        )
+        for name in ("config", "metrics", "plot"):
+            if name in summary:
+                print(f"  {name:8s} {summary[name]}")
+        if job.logging.wandb and job.logging.wandb_mode != "disabled":
+            print(f"  wandb    {run_dir / 'wandb'} (sync with `wandb sync`)")
+    dist.destroy_process_group()
+    return summary

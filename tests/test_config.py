@@ -1,0 +1,96 @@
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from skipjack.config import ConfigError, TrainJobConfig, register_configs, validate
+
+
+def job(*overrides, world_size=1):
+    register_configs()
+    with initialize_config_module("skipjack.configs", version_base="1.3"):
+        # outside a Hydra run there is no run dir to interpolate
+        cfg = compose("train", overrides=["train.output_dir=unused", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+def test_default_job_is_valid():
+    cfg = job()
+    assert isinstance(cfg, TrainJobConfig) and cfg.model.name == "tiny"
+    validate(cfg, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides,world,field,fix",
+    [
+        (["train.steps=-5"], 1, "train.steps", "must be > 0"),
+        (
+            ["train.global_batch_size=12", "train.micro_batch_size=4"],
+            2,
+            "train.global_batch_size",
+            "multiple of 8",
+        ),
+        (["model.n_heads=6"], 1, "model.n_heads", "pick a divisor"),
+        (["model.n_kv_heads=3"], 1, "model.n_kv_heads", "pick a divisor"),
+        (["data=indexed"], 1, "data.paths", "skipjack preprocess"),
+        (
+            ["data=indexed", "data.paths=[/nowhere/corpus]"],
+            1,
+            "data.paths",
+            "/nowhere/corpus.bin does not exist",
+        ),
+        (["parallel.dp=3"], 2, "parallel.dp", "world size 2"),
+        (["train.seq_len=4096"], 1, "train.seq_len", "max_seq_len"),
+        (["data.split='98,0,2'"], 1, "data.split", "valid > 0"),
+    ],
+)
+def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
+    with pytest.raises(ConfigError) as err:
+        validate(job(*overrides), world)
+    assert err.value.field_name == field
+    assert fix in str(err.value)
+
+
+def test_unknown_keys_and_presets_are_refused_by_the_schema():
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="model/llama_7m"):
+        job("model=llama_7m")
+    with pytest.raises(ConfigCompositionException, match="stepz"):
+        job("train.stepz=5")
+
+
+def cli(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "skipjack.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
+
+
+def test_cli_prints_one_line_error_and_exits_2():
+    result = cli("train", "train.steps=-1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "skipjack: config error: train.steps: must be > 0, got -1"
+
+
+def test_cli_unknown_preset_lists_the_available_ones():
+    result = cli("train", "model=llama_7m")
+    assert result.returncode != 0
+    assert "Could not find 'model/llama_7m'" in result.stderr and "tinyllama_1_1b" in result.stderr
+
+
+def test_cli_cfg_job_and_help_work_as_in_hydra():
+    shown = cli("train", "--cfg", "job", "model=llama_60m", "optim.lr=3e-4", "train.steps=500")
+    assert shown.returncode == 0, shown.stderr
+    cfg = OmegaConf.create(shown.stdout)
+    assert cfg.model.name == "llama_60m" and cfg.optim.lr == 3e-4 and cfg.train.steps == 500
+    helped = cli("train", "--help")
+    assert helped.returncode == 0 and "model: " in helped.stdout and "llama3_8b" in helped.stdout
+    assert cli("preprocess", "--help").returncode == 0
+    assert cli("bogus").returncode == 2

@@ -1,0 +1,93 @@
+"""The default job, shortened, through the CLI as a user runs it; and torchrun with 2 ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def run(args, cwd, timeout=600):
+    result = subprocess.run(
+        args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shortened_default_job_through_the_cli(tmp_path):
+    result = run([BIN / "skipjack", "train", "experiment=smoke", "logging.wandb=true"], tmp_path)
+    run_dirs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    rows = records(run_dir)
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0] - 1.0
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    for key in ("loss", "lr", "tokens_per_s", "flops_total", "flops_per_s", "peak_memory_bytes"):
+        assert all(key in r for r in steps), key
+    assert steps[-1]["flops_total"] > steps[0]["flops_total"] > 0
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.train.steps == 40 and saved.data.cache_dir == os.environ["SKIPJACK_CACHE"]
+    assert (run_dir / "loss.png").stat().st_size > 10_000
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    for name in ("config.yaml", "metrics.jsonl", "loss.png"):
+        assert str(run_dir / name) in result.stdout
+
+
+def test_torchrun_two_ranks_on_preprocessed_data(tmp_path):
+    docs = [f"def f{i}(a, b):\n    return a * {i} + b  # doc {i}\n" * 20 for i in range(300)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    run(
+        [
+            BIN / "skipjack",
+            "preprocess",
+            "inputs=[corpus.jsonl]",
+            "output_prefix=data/corpus",
+            "tokenizer_vocab_size=512",
+        ],
+        tmp_path,
+    )
+    run(
+        [
+            BIN / "torchrun",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "skipjack.cli",
+            "train",
+            "parallel.dp=2",
+            "data=indexed",
+            "data.paths=[data/corpus]",
+            "model.vocab_size=512",
+            "train.steps=12",
+            "train.val_interval=6",
+            "train.seq_len=64",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            "logging.wandb=false",
+            "hydra.run.dir=run",
+        ],
+        tmp_path,
+    )
+    rows = records(tmp_path / "run")
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0]
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run" / "config.yaml").read_text().count("${")
