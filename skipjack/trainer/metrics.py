@@ -134,6 +134,14 @@ def _perplexity(loss: float) -> float:
     return float(torch.tensor(loss).exp()) if loss < 50 else float("inf")
 
 
+def _ema(values, decay: float) -> list[float]:
+    out, avg = [], values[0]
+    for v in values:
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
+
+
 def plot_losses(history: list[dict], path: Path, title: str) -> Path:
     """Training and validation loss against step, written as PNG (atomically)."""
     import matplotlib
@@ -145,9 +153,23 @@ def plot_losses(history: list[dict], path: Path, title: str) -> Path:
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
+        ax.plot(
+            steps,
+            _ema(losses, 0.9),
+            color="tab:blue",
+            linewidth=1.6,
+            label="train loss (moving average)",
+        )
     if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation loss", linewidth=1.6)
+        ax.plot(
+            *zip(*val, strict=True),
+            "o-",
+            color="tab:orange",
+            label="validation loss",
+            linewidth=1.6,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)

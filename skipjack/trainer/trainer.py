@@ -146,6 +146,7 @@ def _wandb_run(cfg: TrainJobConfig, run_dir: Path, resolved: dict):
         dir=str(run_dir),
         config=resolved,
         name=run_dir.name,
+        settings=wandb.Settings(silent=True),
     )
 
 
