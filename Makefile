@@ -28,12 +28,12 @@ train: $(STAMP)
 	$(VENV)/bin/skipjack train $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check skipjack tests bench
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check skipjack tests bench
-	$(VENV)/bin/ruff format --check skipjack tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
