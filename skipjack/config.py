@@ -77,6 +77,7 @@ class ParallelConfig:
     dp: int = -1
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False
     bucket_mb: float = 25.0
 
 
@@ -188,6 +189,20 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.dim", "head dim (dim / n_heads) must be even for RoPE")
 
 
+def validate_tensor_parallel(m: ModelConfig, tp: int) -> None:
+    """What tensor parallelism of degree `tp` needs of the architecture."""
+    if m.n_heads % tp:
+        raise ConfigError("parallel.tp", f"n_heads={m.n_heads} is not divisible by tp={tp}")
+    if m.n_kv_heads % tp:
+        raise ConfigError(
+            "parallel.tp",
+            f"n_kv_heads={m.n_kv_heads} is not divisible by tp={tp}; skipjack does not replicate "
+            "kv heads, so use a tp that divides n_kv_heads",
+        )
+    if m.ffn_dim % tp:
+        raise ConfigError("parallel.tp", f"model.ffn_dim={m.ffn_dim} is not divisible by tp={tp}")
+
+
 def validate(cfg: TrainJobConfig, world_size: int) -> None:
     """Check a resolved train config against the world it will run in. Raises ConfigError."""
     validate_model(cfg.model)
@@ -209,9 +224,14 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
     _positive("parallel.tp", p.tp)
     _positive("parallel.pp", p.pp)
     _positive("parallel.bucket_mb", p.bucket_mb)
-    for name, degree in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
-        if degree != 1:
-            raise ConfigError(name, "only 1 is supported so far (tensor/pipeline issues pending)")
+    if p.pp != 1:
+        raise ConfigError("parallel.pp", "only 1 is supported so far (pipeline issue pending)")
+    validate_tensor_parallel(cfg.model, p.tp)
+    if p.sequence_parallel and t.seq_len % p.tp:
+        raise ConfigError(
+            "train.seq_len",
+            f"{t.seq_len} is not divisible by tp={p.tp}, which sequence parallelism needs",
+        )
     dp = resolve_dp(p, world_size)
     if t.global_batch_size % (dp * t.micro_batch_size):
         raise ConfigError(

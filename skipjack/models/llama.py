@@ -21,7 +21,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from skipjack.config import ConfigError, ModelConfig, validate_model
+from skipjack.config import ConfigError, ModelConfig, validate_model, validate_tensor_parallel
+from skipjack.parallel.shard_spec import HeadLayout, replicated, set_spec, spec_of
+from skipjack.parallel.tensor import (
+    TensorParallel,
+    VocabParallelEmbedding,
+    enter_tp,
+    leave_tp,
+    padded_vocab_size,
+)
 
 PRESETS = (
     "tiny",
@@ -59,10 +67,14 @@ class Stage:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """Replicated over tp; under sequence parallelism each rank sees its sequence shard only, so
+    its weight's gradient is partial and summed over tp (ShardSpec.partial_grad)."""
+
+    def __init__(self, dim: int, eps: float, tp: TensorParallel):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        set_spec(self.weight, replicated((dim,), partial_grad=tp.sequence_parallel and tp.size > 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -110,15 +122,36 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rotated.flatten(-2).type_as(x)
 
 
+def column_parallel(
+    in_features: int, out_features: int, tp: TensorParallel, heads: HeadLayout | None = None
+) -> nn.Linear:
+    """A linear layer holding this rank's rows (output features) of the global weight."""
+    layer = nn.Linear(in_features, out_features // tp.size, bias=False)
+    set_spec(layer.weight, tp.shard_spec((out_features, in_features), 0, heads))
+    return layer
+
+
+def row_parallel(
+    in_features: int, out_features: int, tp: TensorParallel, heads: HeadLayout | None = None
+) -> nn.Linear:
+    """A linear layer holding this rank's columns (input features); outputs are partial sums."""
+    layer = nn.Linear(in_features // tp.size, out_features, bias=False)
+    set_spec(layer.weight, tp.shard_spec((out_features, in_features), 1, heads))
+    return layer
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Heads split over tp: each rank holds n_heads/tp query and n_kv_heads/tp kv heads."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        hd = self.head_dim = cfg.dim // cfg.n_heads
+        self.n_heads, self.n_kv_heads = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size
+        q_heads, kv_heads = HeadLayout(0, cfg.n_heads, hd), HeadLayout(0, cfg.n_kv_heads, hd)
+        self.wq = column_parallel(cfg.dim, cfg.n_heads * hd, tp, q_heads)
+        self.wk = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads)
+        self.wv = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads)
+        self.wo = row_parallel(cfg.n_heads * hd, cfg.dim, tp, HeadLayout(1, cfg.n_heads, hd))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -136,41 +169,50 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); hidden neurons split over tp."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w1 = column_parallel(cfg.dim, cfg.ffn_dim, tp)
+        self.w3 = column_parallel(cfg.dim, cfg.ffn_dim, tp)
+        self.w2 = row_parallel(cfg.ffn_dim, cfg.dim, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm block; the residual stream is replicated over tp (sequence-sharded under sp)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.tp = tp
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
+        self.attention = Attention(cfg, tp)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
+        self.feed_forward = FeedForward(cfg, tp)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
-        return h + self.feed_forward(self.ffn_norm(h))
+        tp = self.tp
+        h = x + leave_tp(self.attention(enter_tp(self.attention_norm(x), tp), rope), tp)
+        return h + leave_tp(self.feed_forward(enter_tp(self.ffn_norm(h), tp)), tp)
 
 
 class Llama(nn.Module):
     """One pipeline stage of a Llama model (the whole model when `stage` is omitted).
 
     forward(tokens) on the first stage, forward(hidden) on the others; the last stage returns
-    logits, the others hidden states.
+    this rank's vocabulary shard of the logits (all of them without tensor parallelism), the
+    others hidden states (sequence shards under sequence parallelism).
     """
 
-    def __init__(self, cfg: ModelConfig, stage: Stage | None = None):
+    def __init__(
+        self, cfg: ModelConfig, stage: Stage | None = None, tp: TensorParallel | None = None
+    ):
         super().__init__()
         validate_model(cfg)
+        self.tp = tp = tp or TensorParallel()
+        validate_tensor_parallel(cfg, tp.size)
         self.cfg = cfg
         self.stage = stage or Stage.whole(cfg.n_layers)
         if self.stage.layers.stop > cfg.n_layers:
@@ -179,14 +221,15 @@ class Llama(nn.Module):
             raise ConfigError(
                 "model.tie_embeddings", "tied embeddings need the embedding and output on one stage"
             )
+        vocab = padded_vocab_size(cfg.vocab_size, tp.size)
         with torch.device("meta"):
             self.tok_embeddings = (
-                nn.Embedding(cfg.vocab_size, cfg.dim) if self.stage.first else None
+                VocabParallelEmbedding(cfg.vocab_size, cfg.dim, tp) if self.stage.first else None
             )
-            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in self.stage.layers})
-            self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if self.stage.last else None
+            self.layers = nn.ModuleDict({str(i): Block(cfg, tp) for i in self.stage.layers})
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps, tp) if self.stage.last else None
             self.output = (
-                nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+                column_parallel(cfg.dim, vocab, tp)
                 if self.stage.last and not cfg.tie_embeddings
                 else None
             )
@@ -204,14 +247,21 @@ class Llama(nn.Module):
                 h = block(h, self.rope)
         if not self.stage.last:
             return h
-        return F.linear(self.norm(h), self.output_weight())
+        return F.linear(enter_tp(self.norm(h), self.tp), self.output_weight())
 
     @torch.no_grad()
     def init_weights(self, seed: int, device: torch.device | str = "cpu") -> Llama:
-        """Materialise on `device` and fill every parameter from (seed, its global name)."""
-        self.to_empty(device=device)
+        """Materialise on `device` and fill every parameter with its slice of the global initial
+        tensor drawn from (seed, its global name): the same values in every layout."""
+        specs = {name: spec_of(p) for name, p in self.named_parameters()}
+        self.to_empty(device=device)  # new Parameter objects: the specs are attached again
         for name, param in self.named_parameters():
-            param.copy_(initial_value(self.cfg, name, seed))
+            spec = specs[name]
+            full = initial_value(self.cfg, name, seed)
+            if full.shape[0] < spec.global_shape[0]:  # padded vocabulary rows are zeros
+                full = F.pad(full, (0, 0, 0, spec.global_shape[0] - full.shape[0]))
+            param.copy_(spec.shard(full))
+            set_spec(param, spec)
         self.rope = rope_cos_sin(self.cfg, device)
         return self
 

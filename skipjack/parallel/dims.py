@@ -14,6 +14,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from skipjack.parallel.tensor import TensorParallel
 
 
 def free_port() -> int:
@@ -62,6 +65,7 @@ class ParallelDims:
     tp: int = 1
     rank: int = 0
     groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
+    mesh: object = field(default=None, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -82,37 +86,36 @@ class ParallelDims:
     def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
-    def group_ranks(self) -> dict[str, list[list[int]]]:
-        """Every group of every kind, as rank lists (the same on every rank)."""
-        r = range
-        return {
-            "tp": [
-                [self.rank_of(p, d, t) for t in r(self.tp)] for p in r(self.pp) for d in r(self.dp)
-            ],
-            "dp": [
-                [self.rank_of(p, d, t) for d in r(self.dp)] for p in r(self.pp) for t in r(self.tp)
-            ],
-            "pp": [
-                [self.rank_of(p, d, t) for p in r(self.pp)] for d in r(self.dp) for t in r(self.tp)
-            ],
-            "vocab": [
-                [self.rank_of(p, d, t) for p in r(self.pp) for t in r(self.tp)] for d in r(self.dp)
-            ],
-        }
+    def vocab_ranks(self) -> list[list[int]]:
+        """The pp x tp ranks of each replica (the vocabulary-parallel groups)."""
+        return [
+            [self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)]
+            for d in range(self.dp)
+        ]
 
-    def build_groups(self) -> ParallelDims:
-        """Create the process groups (collective: every rank calls it, in the same order)."""
-        if dist.get_world_size() != self.world_size:
+    def build_groups(self, device_type: str = "cpu") -> ParallelDims:
+        """Build the device mesh (pp, dp, tp) and every process group (collective: every rank
+        calls it). `checkpoint` is a gloo group over all ranks for checkpoint traffic."""
+        world = dist.get_world_size()
+        if world != self.world_size:
             raise RuntimeError(
                 f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} = {self.world_size} "
-                f"but {dist.get_world_size()} processes were launched"
+                f"but {world} processes were launched; change parallel.* or the process count"
             )
-        for kind, rank_lists in self.group_ranks().items():
-            for ranks in rank_lists:
-                group = dist.new_group(ranks)
-                if self.rank in ranks:
-                    self.groups[kind] = group
+        self.mesh = init_device_mesh(
+            device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp")
+        )
+        for kind in ("pp", "dp", "tp"):
+            self.groups[kind] = self.mesh.get_group(kind)
+        for ranks in self.vocab_ranks():
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                self.groups["vocab"] = group
+        self.groups["checkpoint"] = dist.new_group(list(range(world)), backend="gloo")
         return self
 
     def group(self, kind: str) -> dist.ProcessGroup:
         return self.groups[kind]
+
+    def tensor_parallel(self, sequence_parallel: bool = False) -> TensorParallel:
+        return TensorParallel(self.groups["tp"], self.tp, self.tp_rank, sequence_parallel)

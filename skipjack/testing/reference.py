@@ -7,10 +7,11 @@ import torch.distributed as dist
 
 from skipjack.config import ModelConfig, OptimConfig
 from skipjack.data.loader import ShardedLoader
-from skipjack.models.llama import Llama
+from skipjack.models.llama import Llama, parameter_shape
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
+from skipjack.parallel.shard_spec import all_gather_full, spec_of
 from skipjack.trainer.trainer import forward_backward, optimizer_step
 
 
@@ -53,24 +54,42 @@ def train_reference(
     micro_batch_size: int,
     seq_len: int = 32,
     seed: int = 0,
+    tp: int = 1,
+    sequence_parallel: bool = False,
 ) -> list[dict]:
-    """Run `steps` training steps in the current process group (dp = world size).
+    """Run `steps` training steps in the current process group (dp = world size / tp).
 
-    Returns per step the global loss and every full gradient (before the optimizer step).
+    Returns per step the global loss and every gradient, assembled whole from its shards by
+    shard spec (before the optimizer step), so any layout compares with the single process.
     """
-    dims = ParallelDims(dp=dist.get_world_size(), rank=dist.get_rank()).build_groups()
+    dims = ParallelDims(dp=dist.get_world_size() // tp, tp=tp, rank=dist.get_rank())
+    dims.build_groups()
     data = SyntheticSamples(steps * global_batch_size, seq_len, model_cfg.vocab_size, seed)
     loader = ShardedLoader(data, global_batch_size, micro_batch_size, dims.dp_rank, dims.dp)
     device = torch.device("cpu")
-    model = Llama(model_cfg).init_weights(seed, device)
-    optim_cfg = OptimConfig(lr=1e-3, warmup_steps=2)
+    model = Llama(model_cfg, tp=dims.tensor_parallel(sequence_parallel)).init_weights(seed, device)
+    # a small lr: Adam's first updates are sign(g), so rounding noise in a near-zero gradient
+    # element would otherwise move that weight by a full lr in one layout and not the other
+    optim_cfg = OptimConfig(lr=1e-4, warmup_steps=2)
     optimizer = build_optimizer(model, optim_cfg, device)
     schedule = build_lr_schedule(optimizer, optim_cfg, steps)
     sync = GradientSync(model.parameters(), dims.group("dp"), bucket_mb=0.05)
     history = []
     for _ in range(steps):
-        loss = forward_backward(model, loader.next(), sync, dims.group("dp"), device)
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        optimizer_step(model, optimizer, schedule, optim_cfg.grad_clip)
+        loss = forward_backward(model, loader.next(), sync, dims.groups, device)
+        grads = {
+            n: all_gather_full(p.grad, spec_of(p), dims.groups)[: parameter_shape(model_cfg, n)[0]]
+            for n, p in model.named_parameters()
+        }
+        optimizer_step(model, optimizer, schedule, optim_cfg.grad_clip, dims.groups)
         history.append({"loss": loss, "grads": grads})
     return history
+
+
+def assert_same_history(reference: list[dict], other: list[dict], rtol: float = 1e-5) -> None:
+    """Losses and every gradient of each step agree within `rtol` (relative, gradient norm)."""
+    for step, (ref, got) in enumerate(zip(reference, other, strict=True)):
+        assert abs(got["loss"] - ref["loss"]) <= rtol * abs(ref["loss"]), (step, ref, got)
+        for name, g in ref["grads"].items():
+            err = float((got["grads"][name] - g).norm() / g.norm())
+            assert err <= rtol, f"step {step} {name}: relative error {err:.2e}"

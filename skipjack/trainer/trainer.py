@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
@@ -27,6 +26,8 @@ from skipjack.models.llama import Llama, flops_per_token, num_parameters
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
+from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
+from skipjack.parallel.tensor import vocab_parallel_cross_entropy
 from skipjack.trainer.metrics import Metrics
 
 
@@ -50,41 +51,43 @@ def count_targets(micro: list[MicroBatch], group: dist.ProcessGroup) -> torch.Te
     return n
 
 
+def summed_loss(
+    model: Llama, tokens: torch.Tensor, labels: torch.Tensor, device: torch.device, dtype: str
+) -> torch.Tensor:
+    """Sum of the token cross-entropies of one micro-batch (whole on every tp rank)."""
+    with autocast_for(device, dtype):
+        logits = model(tokens.to(device))
+    return vocab_parallel_cross_entropy(
+        logits, labels.to(device), model.tp, model.cfg.vocab_size
+    ).sum()
+
+
 def forward_backward(
-    model: torch.nn.Module,
+    model: Llama,
     micro: list[MicroBatch],
     grad_sync: GradientSync,
-    dp_group: dist.ProcessGroup,
+    groups: dict[str, dist.ProcessGroup],
     device: torch.device,
     dtype: str = "fp32",
 ) -> float:
     """Accumulate the gradient of the global mean loss over micro-batches and replicas."""
-    n_targets = count_targets(micro, dp_group).to(device)
+    n_targets = count_targets(micro, groups["dp"]).to(device)
     loss_sum = torch.zeros((), device=device)
     for tokens, labels in micro:
-        with autocast_for(device, dtype):
-            logits = model(tokens.to(device))
-        loss = (
-            F.cross_entropy(
-                logits.float().flatten(0, 1),
-                labels.to(device).flatten(),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            / n_targets
-        )
+        loss = summed_loss(model, tokens, labels, device, dtype) / n_targets
         loss.backward()
         loss_sum += loss.detach()
+    sync_partial_grads(model.parameters(), groups)
     grad_sync.all_reduce()
-    dist.all_reduce(loss_sum, group=dp_group)
+    dist.all_reduce(loss_sum, group=groups["dp"])
     return float(loss_sum)
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
+    model: Llama,
     micro: list[MicroBatch],
-    dp_group: dist.ProcessGroup,
+    groups: dict[str, dist.ProcessGroup],
     device: torch.device,
     dtype: str = "fp32",
 ) -> float:
@@ -92,14 +95,9 @@ def evaluate(
     model.eval()
     totals = torch.zeros(2, device=device)
     for tokens, labels in micro:
-        with autocast_for(device, dtype):
-            logits = model(tokens.to(device))
-        labels = labels.to(device).flatten()
-        totals[0] += F.cross_entropy(
-            logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="sum"
-        )
+        totals[0] += summed_loss(model, tokens, labels, device, dtype)
         totals[1] += (labels != -100).sum()
-    dist.all_reduce(totals, group=dp_group)
+    dist.all_reduce(totals, group=groups["dp"])
     model.train()
     return float(totals[0] / totals[1])
 
@@ -109,11 +107,11 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     grad_clip: float,
+    groups: dict[str, dist.ProcessGroup],
 ) -> float:
-    """Clip to the global norm (all gradients are whole on every rank for now), step, zero."""
-    params = [p for p in model.parameters() if p.grad is not None]
+    """Clip to the global norm (every element counted once, by shard spec), step, zero."""
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    grad_norm = clip_grad_norm(model.parameters(), max_norm, groups)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
@@ -159,8 +157,8 @@ def train(cfg: DictConfig) -> dict:
     rank, world = init_distributed(device)
     dims = ParallelDims(
         dp=resolve_dp(job.parallel, world), pp=job.parallel.pp, tp=job.parallel.tp, rank=rank
-    ).build_groups()
-    dp_group = dims.group("dp")
+    ).build_groups(device.type)
+    groups = dims.groups
     lead = rank == 0
     run_dir = _broadcast_run_dir(job)
     if lead:
@@ -187,10 +185,11 @@ def train(cfg: DictConfig) -> dict:
     ]
 
     torch.manual_seed(t.seed)
-    model = Llama(job.model).init_weights(t.seed, device)
+    tp = dims.tensor_parallel(job.parallel.sequence_parallel)
+    model = Llama(job.model, tp=tp).init_weights(t.seed, device)
     optimizer = build_optimizer(model, job.optim, device)
     schedule = build_lr_schedule(optimizer, job.optim, t.steps)
-    grad_sync = GradientSync(model.parameters(), dp_group, job.parallel.bucket_mb)
+    grad_sync = GradientSync(model.parameters(), groups["dp"], job.parallel.bucket_mb)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     metrics = Metrics(
@@ -205,24 +204,25 @@ def train(cfg: DictConfig) -> dict:
     if lead:
         print(
             f"skipjack: {job.model.name} ({num_parameters(job.model) / 1e6:.1f}M parameters) "
-            f"dp={dims.dp} on {device}, {t.steps} steps x {t.global_batch_size} sequences x "
-            f"{t.seq_len} tokens, accumulation {loader.accumulation_steps}; run dir {run_dir}"
+            f"dp={dims.dp} tp={dims.tp}{' (sp)' if tp.sequence_parallel else ''} on {device}, "
+            f"{t.steps} steps x {t.global_batch_size} sequences x {t.seq_len} tokens, "
+            f"accumulation {loader.accumulation_steps}; run dir {run_dir}"
         )
 
     val_losses = []
     if val_batches:
-        val_losses.append(evaluate(model, val_batches, dp_group, device, t.dtype))
+        val_losses.append(evaluate(model, val_batches, groups, device, t.dtype))
         metrics.step(0, 0, 0.0, val_loss=val_losses[-1])
     step_tokens = t.global_batch_size * t.seq_len
     for step in range(1, t.steps + 1):
         started = time.perf_counter()
-        loss = forward_backward(model, loader.next(), grad_sync, dp_group, device, t.dtype)
+        loss = forward_backward(model, loader.next(), grad_sync, groups, device, t.dtype)
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = optimizer_step(model, optimizer, schedule, job.optim.grad_clip)
+        grad_norm = optimizer_step(model, optimizer, schedule, job.optim.grad_clip, groups)
         seconds = time.perf_counter() - started
         val_loss = None
         if val_batches and (step % t.val_interval == 0 or step == t.steps):
-            val_loss = evaluate(model, val_batches, dp_group, device, t.dtype)
+            val_loss = evaluate(model, val_batches, groups, device, t.dtype)
             val_losses.append(val_loss)
         metrics.step(
             step,

@@ -1,21 +1,13 @@
 import torch
 
 from skipjack.testing import run_ranks
-from skipjack.testing.reference import tiny_config, train_reference
+from skipjack.testing.reference import assert_same_history, tiny_config, train_reference
 
 STEPS = 5
 
 
 def run(world_size, micro_batch_size):
     return run_ranks(train_reference, world_size, tiny_config(), STEPS, 8, micro_batch_size)
-
-
-def assert_same_history(reference, other):
-    for step, (ref, got) in enumerate(zip(reference, other, strict=True)):
-        assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), step
-        for name, g in ref["grads"].items():
-            err = (got["grads"][name] - g).norm() / g.norm()
-            assert err <= 1e-5, f"step {step} {name}: relative error {err:.2e}"
 
 
 def test_dp2_matches_single_process_in_loss_and_gradients():

@@ -1,0 +1,140 @@
+"""Shard specs: how each parameter's local tensor lies inside the global one.
+
+Every parameter carries a `ShardSpec`: replicated, or split evenly along `dim` over a named
+process group, with the global shape (the padded vocabulary included) and, for attention weights,
+the head layout. Checkpoints use it to write global offsets, gradient clipping to count every
+element once, GaLore+ to project per head on the rank's own heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Attention heads along `dim` of the global weight: `n_heads` blocks of `head_dim` rows."""
+
+    dim: int
+    n_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    global_shape: tuple[int, ...]
+    dim: int | None = None  # None: replicated
+    group: str = "tp"
+    num_shards: int = 1
+    index: int = 0
+    heads: HeadLayout | None = None
+    # the gradient of each rank covers only its part of the data (sequence-parallel norms):
+    # it is summed over `group` before use
+    partial_grad: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.dim is not None and self.num_shards > 1
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        if not self.sharded:
+            return self.global_shape
+        shape = list(self.global_shape)
+        shape[self.dim] //= self.num_shards
+        return tuple(shape)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Global offset of the local shard along every dimension."""
+        offsets = [0] * len(self.global_shape)
+        if self.sharded:
+            offsets[self.dim] = self.index * self.local_shape[self.dim]
+        return tuple(offsets)
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the global tensor `full`."""
+        if tuple(full.shape) != self.global_shape:
+            raise ValueError(f"tensor of shape {tuple(full.shape)} is not {self.global_shape}")
+        if not self.sharded:
+            return full
+        size = self.local_shape[self.dim]
+        return full.narrow(self.dim, self.index * size, size)
+
+
+def replicated(shape: tuple[int, ...], partial_grad: bool = False, group: str = "tp") -> ShardSpec:
+    return ShardSpec(tuple(shape), None, group, partial_grad=partial_grad)
+
+
+def spec_of(param: torch.Tensor) -> ShardSpec:
+    """The parameter's spec (a parameter without one is replicated)."""
+    return getattr(param, "shard_spec", None) or replicated(tuple(param.shape))
+
+
+def set_spec(param: torch.nn.Parameter, spec: ShardSpec) -> torch.nn.Parameter:
+    if tuple(param.shape) != spec.local_shape:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} does not match {spec}")
+    param.shard_spec = spec
+    return param
+
+
+def gather(shards: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
+    """The global tensor from every rank's shard, in shard order."""
+    return torch.cat(shards, dim=spec.dim) if spec.sharded else shards[0]
+
+
+def all_gather_full(
+    local: torch.Tensor, spec: ShardSpec, groups: dict[str, dist.ProcessGroup]
+) -> torch.Tensor:
+    """The global tensor, assembled on every rank of the spec's group (collective)."""
+    if not spec.sharded:
+        return local
+    shards = [torch.empty_like(local) for _ in range(spec.num_shards)]
+    dist.all_gather(shards, local.contiguous(), group=groups[spec.group])
+    return gather(shards, spec)
+
+
+def sync_partial_grads(params, groups: dict[str, dist.ProcessGroup]) -> None:
+    """Sum the gradients that each rank holds only a part of (see ShardSpec.partial_grad)."""
+    for p in params:
+        spec = spec_of(p)
+        if spec.partial_grad and p.grad is not None and dist.get_world_size(groups[spec.group]) > 1:
+            dist.all_reduce(p.grad, group=groups[spec.group])
+
+
+def global_grad_norm(params, groups: dict[str, dist.ProcessGroup]) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, every global element counted once.
+
+    Sharded gradients contribute their squares summed over their group; replicated ones are
+    identical on every rank of it and contribute once.
+    """
+    by_group: dict[str, torch.Tensor] = {}
+    total = None
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().pow(2).sum()
+        spec = spec_of(p)
+        if spec.sharded:
+            by_group[spec.group] = by_group.get(spec.group, 0) + sq
+        else:
+            total = sq if total is None else total + sq
+    total = torch.zeros(()) if total is None else total
+    for name, sq in by_group.items():
+        dist.all_reduce(sq, group=groups[name])
+        total = total.to(sq.device) + sq
+    return total.sqrt()
+
+
+def clip_grad_norm(params, max_norm: float, groups: dict[str, dist.ProcessGroup]) -> float:
+    """Scale gradients so the global norm is at most `max_norm`; returns the norm before."""
+    params = [p for p in params if p.grad is not None]
+    norm = global_grad_norm(params, groups)
+    if math.isfinite(max_norm):
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_([p.grad for p in params], scale.to(params[0].grad.device))
+    return float(norm)
