@@ -51,7 +51,10 @@ def test_shortened_default_job_through_the_cli(tmp_path):
         assert str(run_dir / name) in result.stdout
 
 
-def test_torchrun_two_ranks_on_preprocessed_data(tmp_path):
+@pytest.mark.parametrize(
+    "layout", [["parallel.dp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]]
+)
+def test_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     docs = [f"def f{i}(a, b):\n    return a * {i} + b  # doc {i}\n" * 20 for i in range(300)]
     (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     run(
@@ -72,7 +75,7 @@ def test_torchrun_two_ranks_on_preprocessed_data(tmp_path):
             "-m",
             "skipjack.cli",
             "train",
-            "parallel.dp=2",
+            *layout,
             "data=indexed",
             "data.paths=[data/corpus]",
             "model.vocab_size=512",

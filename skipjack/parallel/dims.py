@@ -8,7 +8,6 @@ groups; everything else asks it for one.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -19,31 +18,21 @@ from torch.distributed.device_mesh import init_device_mesh
 from skipjack.parallel.tensor import TensorParallel
 
 
-def free_port() -> int:
-    """A free TCP port on localhost for a process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[int, int]:
     """Join the default process group from the launcher's environment; (rank, world size).
 
-    A process started without a launcher is a world of one (a local gloo group on a free port),
-    so the rest of skipjack has a single code path.
+    A process started without a launcher is a world of one (an in-memory store, no port), so
+    the rest of skipjack has a single code path.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-        )
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if "RANK" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,4 +1,4 @@
-"""Run a function on N real processes joined in a gloo process group on a free local port."""
+"""Run a function on N real processes joined in a gloo process group (rendezvous on localhost)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from skipjack.parallel.dims import free_port
-
 
 def _worker(fn: Callable, rank: int, world_size: int, port: int, queue, args: tuple) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         # bytes, not tensors: a tensor in a queue is a handle to shared memory of this process,
         # which is gone once it exits
         buffer = io.BytesIO()
@@ -47,7 +40,10 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0)
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = free_port()
+    # this process serves the rendezvous store on a port the OS picks: no port can be taken
+    # between choosing and binding it
+    server = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
+    port = server.port
     procs = [
         ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args), daemon=True)
         for r in range(world_size)
