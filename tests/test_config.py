@@ -44,6 +44,37 @@ def test_default_job_is_valid():
         (["parallel.dp=3"], 2, "parallel.dp", "world size 2"),
         (["train.seq_len=4096"], 1, "train.seq_len", "max_seq_len"),
         (["data.split='98,0,2'"], 1, "data.split", "valid > 0"),
+        (
+            ["parallel.tp=2", "model.n_heads=4", "model.n_kv_heads=1", "model.dim=128"],
+            2,
+            "parallel.tp",
+            "does not replicate kv heads",
+        ),
+        (
+            [
+                "parallel.tp=3",
+                "model.n_heads=6",
+                "model.n_kv_heads=6",
+                "model.dim=384",
+                "model.ffn_dim=770",
+            ],
+            3,
+            "parallel.tp",
+            "ffn_dim=770",
+        ),
+        (
+            ["parallel.tp=2", "model.n_heads=3", "model.n_kv_heads=3", "model.dim=192"],
+            2,
+            "parallel.tp",
+            "n_heads=3 is not divisible by tp=2",
+        ),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=255"],
+            2,
+            "train.seq_len",
+            "sequence parallelism",
+        ),
+        (["parallel.tp=2"], 3, "parallel.tp", "world size 3"),
     ],
 )
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
