@@ -14,7 +14,8 @@ leaves the tensor-parallel region:
 
 Activations are (batch, sequence, hidden); sequence shards split dim 1. megatron-core's own
 sequence-parallel mappings split dim 0 and allocate on `torch.cuda.current_device()`, so they
-cannot run on CPU; the three sequence-dim functions below are device-agnostic equivalents.
+cannot run on CPU; the sequence-dim all-gather and reduce-scatter below are device-agnostic
+equivalents.
 """
 
 from __future__ import annotations
@@ -65,44 +66,24 @@ def _reduce_scatter_seq(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     return out
 
 
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _all_gather_seq(x, tp)
+class _SequenceCollective(torch.autograd.Function):
+    """`forward_op` on the activation, `backward_op` (its adjoint) on the gradient."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.tp), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _reduce_scatter_seq(x, tp)
+    def forward(ctx, x, tp, forward_op, backward_op):
+        ctx.tp, ctx.backward_op = tp, backward_op
+        return forward_op(x, tp)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.tp), None
-
-
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return x.chunk(tp.size, dim=SEQ_DIM)[tp.rank].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.tp), None
+        return ctx.backward_op(grad, ctx.tp), None, None, None
 
 
 def enter_tp(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     if tp.size == 1:
         return x
     if tp.sequence_parallel:
-        return _GatherSequence.apply(x, tp)
+        return _SequenceCollective.apply(x, tp, _all_gather_seq, _reduce_scatter_seq)
     return copy_to_tensor_model_parallel_region(x, group=tp.group)
 
 
@@ -110,22 +91,8 @@ def leave_tp(y: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     if tp.size == 1:
         return y
     if tp.sequence_parallel:
-        return _ReduceScatterSequence.apply(y, tp)
+        return _SequenceCollective.apply(y, tp, _reduce_scatter_seq, _all_gather_seq)
     return reduce_from_tensor_model_parallel_region(y, group=tp.group)
-
-
-def scatter_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """This rank's sequence shard of a replicated tensor (backward: all-gather)."""
-    if tp.size == 1 or not tp.sequence_parallel:
-        return x
-    return _ScatterSequence.apply(x, tp)
-
-
-def gather_sequence(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """The whole sequence from sequence shards (backward: reduce-scatter)."""
-    if tp.size == 1 or not tp.sequence_parallel:
-        return x
-    return _GatherSequence.apply(x, tp)
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
