@@ -127,6 +127,8 @@ def global_grad_norm(params, groups: dict[str, dist.ProcessGroup]) -> torch.Tens
     for name, sq in by_group.items():
         dist.all_reduce(sq, group=groups[name])
         total = total.to(sq.device) + sq
+    if "pp" in groups and dist.get_world_size(groups["pp"]) > 1:
+        dist.all_reduce(total, group=groups["pp"])  # pipeline stages hold disjoint parameters
     return total.sqrt()
 
 

@@ -26,6 +26,7 @@ from skipjack.models.llama import Llama, flops_per_token, num_parameters
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
+from skipjack.parallel.pipeline.runtime import PipelineRuntime
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
 from skipjack.parallel.tensor import vocab_parallel_cross_entropy
 from skipjack.trainer.metrics import Metrics
@@ -79,6 +80,32 @@ def forward_backward(
         loss_sum += loss.detach()
     sync_partial_grads(model.parameters(), groups)
     grad_sync.all_reduce()
+    dist.all_reduce(loss_sum, group=groups["dp"])
+    return float(loss_sum)
+
+
+def forward_backward_pipeline(
+    runtime: PipelineRuntime,
+    chunks: list[Llama],
+    micro: list[MicroBatch],
+    grad_sync: GradientSync,
+    groups: dict[str, dist.ProcessGroup],
+    device: torch.device,
+) -> float:
+    """forward_backward for a pipeline rank: the runtime runs the schedule over its chunks; the
+    loss (computed on last stages) is summed over pipeline ranks and replicas."""
+    n_targets = count_targets(micro, groups["dp"]).to(device)
+    last = chunks[-1]
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = vocab_parallel_cross_entropy(logits, labels, last.tp, last.cfg.vocab_size)
+        return ce.sum() / n_targets
+
+    loss_sum = runtime.run(micro, loss_fn)
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    sync_partial_grads(params, groups)
+    grad_sync.all_reduce()
+    dist.all_reduce(loss_sum, group=groups["pp"])
     dist.all_reduce(loss_sum, group=groups["dp"])
     return float(loss_sum)
 
