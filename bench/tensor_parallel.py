@@ -17,15 +17,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from skipjack.config import OptimConfig
+from skipjack.config import OptimConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.data.loader import ShardedLoader
-from skipjack.models.llama import Llama, flops_per_token, preset
+from skipjack.models.llama import flops_per_token, preset
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples
-from skipjack.trainer.trainer import forward_backward, optimizer_step
+from skipjack.trainer.trainer import build_pipeline, forward_backward, optimizer_step
 
 # bytes one rank sends in a ring implementation, per byte of the tensor argument named below
 SENT_PER_BYTE = {
@@ -75,7 +75,13 @@ def measure(
     device = torch.device("cpu")
     dims = ParallelDims(dp=1, tp=tp, rank=dist.get_rank()).build_groups()
     cfg = preset(preset_name, max_seq_len=max(seq_len, 512))
-    model = Llama(cfg, tp=dims.tensor_parallel(sequence_parallel)).init_weights(0, device)
+    job = TrainJobConfig(
+        model=cfg,
+        parallel=ParallelConfig(tp=tp, sequence_parallel=sequence_parallel),
+        train=TrainConfig(micro_batch_size=batch, seq_len=seq_len, dtype="fp32"),
+    )
+    runtime = build_pipeline(job, dims, dims.tensor_parallel(sequence_parallel), 1, device)
+    model = torch.nn.ModuleList(runtime.chunks)
     optim_cfg = OptimConfig()
     optimizer = build_optimizer(model, optim_cfg, device)
     schedule = build_lr_schedule(optimizer, optim_cfg, steps + 2)
@@ -84,7 +90,7 @@ def measure(
     loader = ShardedLoader(data, batch, batch, 0, 1)
 
     def step():
-        forward_backward(model, loader.next(), sync, dims.groups, device)
+        forward_backward(runtime, loader.next(), sync, dims.groups, device)
         optimizer_step(model, optimizer, schedule, 1.0, dims.groups)
 
     for _ in range(2):  # warm-up

@@ -77,6 +77,10 @@ class ParallelConfig:
     dp: int = -1
     tp: int = 1
     pp: int = 1
+    vpp: int = 1
+    schedule: str = "1f1b"
+    partition: str = "even"
+    layers_per_stage: list[int] = field(default_factory=list)
     sequence_parallel: bool = False
     bucket_mb: float = 25.0
 
@@ -203,6 +207,47 @@ def validate_tensor_parallel(m: ModelConfig, tp: int) -> None:
         raise ConfigError("parallel.tp", f"model.ffn_dim={m.ffn_dim} is not divisible by tp={tp}")
 
 
+_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+_PARTITIONS = ("even", "redistribute")
+
+
+def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:
+    p, t = cfg.parallel, cfg.train
+    if p.schedule not in _SCHEDULES:
+        raise ConfigError("parallel.schedule", f"unknown {p.schedule!r}; use one of {_SCHEDULES}")
+    if p.partition not in _PARTITIONS:
+        raise ConfigError(
+            "parallel.partition", f"unknown {p.partition!r}; use one of {_PARTITIONS}"
+        )
+    if (p.vpp > 1) != (p.schedule == "interleaved_1f1b"):
+        raise ConfigError(
+            "parallel.vpp", "vpp > 1 goes with parallel.schedule=interleaved_1f1b, and only with it"
+        )
+    stages = p.pp * p.vpp
+    if cfg.model.n_layers < stages:
+        raise ConfigError("parallel.pp", f"pp x vpp = {stages} stages need n_layers >= {stages}")
+    if p.layers_per_stage and (
+        len(p.layers_per_stage) != stages or sum(p.layers_per_stage) != cfg.model.n_layers
+    ):
+        raise ConfigError(
+            "parallel.layers_per_stage",
+            f"needs {stages} counts summing to n_layers={cfg.model.n_layers}",
+        )
+    if p.pp > 1 and cfg.model.tie_embeddings:
+        raise ConfigError(
+            "model.tie_embeddings", "tied embeddings need pp=1 (embedding and output on one stage)"
+        )
+    if p.schedule == "interleaved_1f1b":
+        dp = resolve_dp(p, world_size)
+        microbatches = t.global_batch_size // max(1, dp * t.micro_batch_size)
+        if microbatches % p.pp:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"interleaved 1F1B needs the micro-batches per replica ({microbatches}) "
+                f"to be a multiple of pp={p.pp}",
+            )
+
+
 def validate(cfg: TrainJobConfig, world_size: int) -> None:
     """Check a resolved train config against the world it will run in. Raises ConfigError."""
     validate_model(cfg.model)
@@ -224,8 +269,9 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
     _positive("parallel.tp", p.tp)
     _positive("parallel.pp", p.pp)
     _positive("parallel.bucket_mb", p.bucket_mb)
-    if p.pp != 1:
-        raise ConfigError("parallel.pp", "only 1 is supported so far (pipeline issue pending)")
+    _positive("parallel.pp", p.pp)
+    _positive("parallel.vpp", p.vpp)
+    validate_pipeline(cfg, world_size)
     validate_tensor_parallel(cfg.model, p.tp)
     if p.sequence_parallel and t.seq_len % p.tp:
         raise ConfigError(

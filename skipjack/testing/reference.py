@@ -5,18 +5,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from skipjack.config import ModelConfig, OptimConfig
+from skipjack.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.data.loader import ShardedLoader
-from skipjack.models.llama import Llama, Stage, parameter_shape
+from skipjack.models.llama import parameter_shape
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
-from skipjack.parallel.pipeline.comm import P2P
-from skipjack.parallel.pipeline.partition import even_partition
-from skipjack.parallel.pipeline.runtime import PipelineRuntime
-from skipjack.parallel.pipeline.schedule import build_schedule
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
-from skipjack.trainer.trainer import forward_backward, forward_backward_pipeline, optimizer_step
+from skipjack.trainer.trainer import build_pipeline, forward_backward, optimizer_step
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -70,35 +66,24 @@ def train_reference(
     shard spec and from every pipeline stage (before the optimizer step), so any layout
     compares with the single process.
     """
-    world = dist.get_world_size()
-    dims = ParallelDims(dp=world // (tp * pp), pp=pp, tp=tp, rank=dist.get_rank())
+    dims = ParallelDims(dp=dist.get_world_size() // (tp * pp), pp=pp, tp=tp, rank=dist.get_rank())
     dims.build_groups()
     data = SyntheticSamples(steps * global_batch_size, seq_len, model_cfg.vocab_size, seed)
     loader = ShardedLoader(data, global_batch_size, micro_batch_size, dims.dp_rank, dims.dp)
     device = torch.device("cpu")
-    tensor_parallel = dims.tensor_parallel(sequence_parallel)
-    if pp == 1:
-        chunks = [Llama(model_cfg, tp=tensor_parallel).init_weights(seed, device)]
-        runtime = None
-    else:
-        plan = build_schedule(schedule, pp, loader.accumulation_steps, vpp)
-        layers = even_partition(model_cfg.n_layers, plan.num_stages)
-        stages = [plan.stage(dims.pp_rank, c) for c in range(vpp)]
-        chunks = [
-            Llama(
-                model_cfg, Stage(layers[s], s == 0, s == plan.num_stages - 1), tensor_parallel
-            ).init_weights(seed, device)
-            for s in stages
-        ]
-        local_seq = seq_len // tp if sequence_parallel else seq_len
-        runtime = PipelineRuntime(
-            plan,
-            chunks,
-            dims.pp_rank,
-            P2P(dims.group("pp"), plan.num_stages),
-            (micro_batch_size, local_seq, model_cfg.dim),
-            device,
-        )
+    job = TrainJobConfig(
+        model=model_cfg,
+        parallel=ParallelConfig(
+            tp=tp, pp=pp, vpp=vpp, schedule=schedule, sequence_parallel=sequence_parallel
+        ),
+        train=TrainConfig(
+            micro_batch_size=micro_batch_size, seq_len=seq_len, seed=seed, dtype="fp32"
+        ),
+    )
+    runtime = build_pipeline(
+        job, dims, dims.tensor_parallel(sequence_parallel), loader.accumulation_steps, device
+    )
+    chunks = runtime.chunks
     model = torch.nn.ModuleList(chunks)
     # a small lr: Adam's first updates are sign(g), so rounding noise in a near-zero gradient
     # element would otherwise move that weight by a full lr in one layout and not the other
@@ -108,11 +93,7 @@ def train_reference(
     sync = GradientSync(model.parameters(), dims.group("dp"), bucket_mb=0.05)
     history = []
     for _ in range(steps):
-        micro = loader.next()
-        if runtime is None:
-            loss = forward_backward(chunks[0], micro, sync, dims.groups, device)
-        else:
-            loss = forward_backward_pipeline(runtime, chunks, micro, sync, dims.groups, device)
+        loss = forward_backward(runtime, loader.next(), sync, dims.groups, device)
         grads = {
             n: all_gather_full(p.grad, spec_of(p), dims.groups)[: parameter_shape(model_cfg, n)[0]]
             for chunk in chunks

@@ -22,13 +22,20 @@ from omegaconf import DictConfig, OmegaConf
 from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
-from skipjack.models.llama import Llama, flops_per_token, num_parameters
+from skipjack.models.llama import Llama, Stage, flops_per_token, num_parameters
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
+from skipjack.parallel.pipeline.comm import P2P
+from skipjack.parallel.pipeline.partition import (
+    even_partition,
+    explicit_partition,
+    redistribute_partition,
+)
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
+from skipjack.parallel.pipeline.schedule import build_schedule
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
-from skipjack.parallel.tensor import vocab_parallel_cross_entropy
+from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entropy
 from skipjack.trainer.metrics import Metrics
 
 
@@ -52,81 +59,93 @@ def count_targets(micro: list[MicroBatch], group: dist.ProcessGroup) -> torch.Te
     return n
 
 
-def summed_loss(
-    model: Llama, tokens: torch.Tensor, labels: torch.Tensor, device: torch.device, dtype: str
-) -> torch.Tensor:
-    """Sum of the token cross-entropies of one micro-batch (whole on every tp rank)."""
-    with autocast_for(device, dtype):
-        logits = model(tokens.to(device))
-    return vocab_parallel_cross_entropy(
-        logits, labels.to(device), model.tp, model.cfg.vocab_size
-    ).sum()
-
-
-def forward_backward(
-    model: Llama,
-    micro: list[MicroBatch],
-    grad_sync: GradientSync,
-    groups: dict[str, dist.ProcessGroup],
+def build_pipeline(
+    job: TrainJobConfig,
+    dims: ParallelDims,
+    tp: TensorParallel,
+    accumulation: int,
     device: torch.device,
-    dtype: str = "fp32",
-) -> float:
-    """Accumulate the gradient of the global mean loss over micro-batches and replicas."""
-    n_targets = count_targets(micro, groups["dp"]).to(device)
-    loss_sum = torch.zeros((), device=device)
-    for tokens, labels in micro:
-        loss = summed_loss(model, tokens, labels, device, dtype) / n_targets
-        loss.backward()
-        loss_sum += loss.detach()
-    sync_partial_grads(model.parameters(), groups)
-    grad_sync.all_reduce()
-    dist.all_reduce(loss_sum, group=groups["dp"])
-    return float(loss_sum)
+) -> PipelineRuntime:
+    """This rank's model chunks (one per stage it owns) and the runtime that runs the schedule.
+
+    Without pipeline parallelism it is one chunk holding the whole model and a one-stage 1F1B
+    (forward and backward of each micro-batch in turn): one code path for every layout.
+    """
+    p, m = job.parallel, job.model
+    schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp)
+    if p.layers_per_stage:
+        layers = explicit_partition(list(p.layers_per_stage), m.n_layers, schedule.num_stages)
+    elif p.partition == "redistribute":
+        seq = job.train.seq_len
+        layer_flops, output_flops = 24 * m.dim**2 + 4 * seq * m.dim, 2 * m.dim * m.vocab_size
+        layers = redistribute_partition(
+            m.n_layers, schedule.num_stages, layer_flops, 0.0, output_flops
+        )
+    else:
+        layers = even_partition(m.n_layers, schedule.num_stages)
+    last = schedule.num_stages - 1
+    chunks = []
+    for chunk in range(p.vpp):
+        stage = schedule.stage(dims.pp_rank, chunk)
+        model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp)
+        chunks.append(model.init_weights(job.train.seed, device))
+    seq = job.train.seq_len // tp.size if tp.sequence_parallel else job.train.seq_len
+    return PipelineRuntime(
+        schedule,
+        chunks,
+        dims.pp_rank,
+        P2P(dims.group("pp"), schedule.num_stages),
+        (job.train.micro_batch_size, seq, m.dim),
+        device,
+        lambda: autocast_for(device, job.train.dtype),
+    )
 
 
-def forward_backward_pipeline(
-    runtime: PipelineRuntime,
-    chunks: list[Llama],
-    micro: list[MicroBatch],
-    grad_sync: GradientSync,
-    groups: dict[str, dist.ProcessGroup],
-    device: torch.device,
-) -> float:
-    """forward_backward for a pipeline rank: the runtime runs the schedule over its chunks; the
-    loss (computed on last stages) is summed over pipeline ranks and replicas."""
-    n_targets = count_targets(micro, groups["dp"]).to(device)
-    last = chunks[-1]
+def _loss_fn(runtime: PipelineRuntime, scale: torch.Tensor | float):
+    """Summed token cross-entropy of a micro-batch, divided by `scale`."""
+    last = runtime.chunks[-1]
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ce = vocab_parallel_cross_entropy(logits, labels, last.tp, last.cfg.vocab_size)
-        return ce.sum() / n_targets
+        return ce.sum() / scale
 
-    loss_sum = runtime.run(micro, loss_fn)
-    params = [p for chunk in chunks for p in chunk.parameters()]
-    sync_partial_grads(params, groups)
+    return loss_fn
+
+
+def forward_backward(
+    runtime: PipelineRuntime,
+    micro: list[MicroBatch],
+    grad_sync: GradientSync,
+    groups: dict[str, dist.ProcessGroup],
+    device: torch.device,
+) -> float:
+    """Accumulate the gradient of the global mean loss over micro-batches, pipeline stages and
+    replicas; returns that loss."""
+    n_targets = count_targets(micro, groups["dp"]).to(device)
+    loss_sum = runtime.run(micro, _loss_fn(runtime, n_targets))
+    sync_partial_grads([p for c in runtime.chunks for p in c.parameters()], groups)
     grad_sync.all_reduce()
-    dist.all_reduce(loss_sum, group=groups["pp"])
+    dist.all_reduce(loss_sum, group=groups["pp"])  # only last stages computed a loss
     dist.all_reduce(loss_sum, group=groups["dp"])
     return float(loss_sum)
 
 
-@torch.no_grad()
 def evaluate(
-    model: Llama,
+    runtime: PipelineRuntime,
     micro: list[MicroBatch],
     groups: dict[str, dist.ProcessGroup],
     device: torch.device,
-    dtype: str = "fp32",
 ) -> float:
     """Mean loss per target token over the validation micro-batches of every replica."""
-    model.eval()
-    totals = torch.zeros(2, device=device)
-    for tokens, labels in micro:
-        totals[0] += summed_loss(model, tokens, labels, device, dtype)
-        totals[1] += (labels != -100).sum()
-    dist.all_reduce(totals, group=groups["dp"])
-    model.train()
-    return float(totals[0] / totals[1])
+    for chunk in runtime.chunks:
+        chunk.eval()
+    n_targets = count_targets(micro, groups["dp"]).to(device)
+    loss_sum = runtime.run(micro, _loss_fn(runtime, n_targets), forward_only=True)
+    dist.all_reduce(loss_sum, group=groups["pp"])
+    dist.all_reduce(loss_sum, group=groups["dp"])
+    for chunk in runtime.chunks:
+        chunk.train()
+    return float(loss_sum)
 
 
 def optimizer_step(
@@ -213,7 +232,8 @@ def train(cfg: DictConfig) -> dict:
 
     torch.manual_seed(t.seed)
     tp = dims.tensor_parallel(job.parallel.sequence_parallel)
-    model = Llama(job.model, tp=tp).init_weights(t.seed, device)
+    runtime = build_pipeline(job, dims, tp, loader.accumulation_steps, device)
+    model = torch.nn.ModuleList(runtime.chunks)
     optimizer = build_optimizer(model, job.optim, device)
     schedule = build_lr_schedule(optimizer, job.optim, t.steps)
     grad_sync = GradientSync(model.parameters(), groups["dp"], job.parallel.bucket_mb)
@@ -231,25 +251,26 @@ def train(cfg: DictConfig) -> dict:
     if lead:
         print(
             f"skipjack: {job.model.name} ({num_parameters(job.model) / 1e6:.1f}M parameters) "
-            f"dp={dims.dp} tp={dims.tp}{' (sp)' if tp.sequence_parallel else ''} on {device}, "
+            f"dp={dims.dp} pp={dims.pp} tp={dims.tp}{' (sp)' if tp.sequence_parallel else ''} "
+            f"on {device}, "
             f"{t.steps} steps x {t.global_batch_size} sequences x {t.seq_len} tokens, "
             f"accumulation {loader.accumulation_steps}; run dir {run_dir}"
         )
 
     val_losses = []
     if val_batches:
-        val_losses.append(evaluate(model, val_batches, groups, device, t.dtype))
+        val_losses.append(evaluate(runtime, val_batches, groups, device))
         metrics.step(0, 0, 0.0, val_loss=val_losses[-1])
     step_tokens = t.global_batch_size * t.seq_len
     for step in range(1, t.steps + 1):
         started = time.perf_counter()
-        loss = forward_backward(model, loader.next(), grad_sync, groups, device, t.dtype)
+        loss = forward_backward(runtime, loader.next(), grad_sync, groups, device)
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = optimizer_step(model, optimizer, schedule, job.optim.grad_clip, groups)
         seconds = time.perf_counter() - started
         val_loss = None
         if val_batches and (step % t.val_interval == 0 or step == t.steps):
-            val_loss = evaluate(model, val_batches, groups, device, t.dtype)
+            val_loss = evaluate(runtime, val_batches, groups, device)
             val_losses.append(val_loss)
         metrics.step(
             step,

@@ -10,6 +10,7 @@ freed as soon as their backward ran.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -30,7 +31,7 @@ class PipelineRuntime:
         p2p: P2P,
         activation_shape: tuple[int, ...],
         device: torch.device,
-        dtype: torch.dtype = torch.float32,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         if len(chunks) != schedule.vpp:
             raise ValueError(f"{len(chunks)} model chunks for a schedule with vpp={schedule.vpp}")
@@ -38,24 +39,31 @@ class PipelineRuntime:
         self.chunks = chunks
         self.rank = pp_rank
         self.p2p = p2p
-        self.activation_shape = activation_shape
+        self.activation_shape = activation_shape  # hidden states between stages, fp32
         self.device = device
-        self.dtype = dtype
+        self.autocast = autocast  # entered around every forward (bf16 on CUDA)
 
-    def run(self, micro: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: LossFn) -> torch.Tensor:
+    def run(
+        self,
+        micro: list[tuple[torch.Tensor, torch.Tensor]],
+        loss_fn: LossFn,
+        forward_only: bool = False,
+    ) -> torch.Tensor:
         """Forward and backward of every microbatch; returns the sum of the losses computed on
-        this rank (last stages), detached. Gradients accumulate in the chunks' parameters."""
+        this rank (last stages), detached. Gradients accumulate in the chunks' parameters.
+        `forward_only` runs the schedule's forwards alone, without autograd (evaluation)."""
         s = self.schedule
         if len(micro) != s.microbatches:
             raise ValueError(f"{len(micro)} microbatches for a schedule of {s.microbatches}")
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank handoffs
         loss_sum = torch.zeros((), device=self.device)
-        for action in s.actions[self.rank]:
-            if action.kind == "F":
-                loss_sum += self._forward(action, micro, loss_fn, saved, local)
-            else:
-                self._backward(action, saved, local)
+        with torch.no_grad() if forward_only else contextlib.nullcontext():
+            for action in s.actions[self.rank]:
+                if action.kind == "F":
+                    loss_sum += self._forward(action, micro, loss_fn, saved, local)
+                elif not forward_only:
+                    self._backward(action, saved, local)
         self.p2p.wait_all()
         return loss_sum
 
@@ -72,7 +80,7 @@ class PipelineRuntime:
             return local.pop(key)
         src = self.schedule.owner(from_stage)[0]
         tag = message_tag(mb, to_stage, direction, self.schedule.num_stages)
-        return self.p2p.recv(self.activation_shape, self.dtype, self.device, src, tag)
+        return self.p2p.recv(self.activation_shape, torch.float32, self.device, src, tag)
 
     def _deliver(
         self, tensor: torch.Tensor, mb: int, to_stage: int, direction: int, local: dict
@@ -86,20 +94,24 @@ class PipelineRuntime:
 
     def _forward(self, action, micro, loss_fn, saved, local) -> torch.Tensor:
         route, hop, stage = self._route(action)
+        last = hop == len(route) - 1
         tokens, labels = micro[action.microbatch]
         if hop == 0:
             inputs = tokens.to(self.device)
         else:
             inputs = self._receive(action.microbatch, route[hop - 1], stage, FORWARD, local)
-            inputs.requires_grad_()
-        output = self.chunks[action.chunk](inputs)
-        if hop == len(route) - 1:
-            output = loss_fn(output, labels.to(self.device))
+            inputs.requires_grad_(torch.is_grad_enabled())
+        with self.autocast():
+            output = self.chunks[action.chunk](inputs)
+            if last:
+                output = loss_fn(output, labels.to(self.device))
+        if not last:
+            self._deliver(
+                output.detach().float(), action.microbatch, route[hop + 1], FORWARD, local
+            )
+        if torch.is_grad_enabled():
             saved[(action.microbatch, stage)] = (inputs if hop else None, output)
-            return output.detach()
-        self._deliver(output.detach(), action.microbatch, route[hop + 1], FORWARD, local)
-        saved[(action.microbatch, stage)] = (inputs if hop else None, output)
-        return torch.zeros((), device=self.device)
+        return output.detach() if last else torch.zeros((), device=self.device)
 
     def _backward(self, action, saved, local) -> None:
         route, hop, stage = self._route(action)
