@@ -52,7 +52,12 @@ def test_shortened_default_job_through_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "layout", [["parallel.dp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]]
+    "layout",
+    [
+        ["parallel.dp=2"],
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        ["parallel.pp=2", "parallel.partition=redistribute"],
+    ],
 )
 def test_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     docs = [f"def f{i}(a, b):\n    return a * {i} + b  # doc {i}\n" * 20 for i in range(300)]

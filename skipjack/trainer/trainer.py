@@ -132,15 +132,17 @@ def forward_backward(
 
 def evaluate(
     runtime: PipelineRuntime,
-    micro: list[MicroBatch],
+    batches: list[list[MicroBatch]],
     groups: dict[str, dist.ProcessGroup],
     device: torch.device,
 ) -> float:
-    """Mean loss per target token over the validation micro-batches of every replica."""
+    """Mean loss per target token over validation global batches (each this rank's micro-batches
+    of one batch), all replicas."""
     for chunk in runtime.chunks:
         chunk.eval()
-    n_targets = count_targets(micro, groups["dp"]).to(device)
-    loss_sum = runtime.run(micro, _loss_fn(runtime, n_targets), forward_only=True)
+    n_targets = count_targets([mb for micro in batches for mb in micro], groups["dp"]).to(device)
+    loss_fn = _loss_fn(runtime, n_targets)
+    loss_sum = sum(runtime.run(micro, loss_fn, forward_only=True) for micro in batches)
     dist.all_reduce(loss_sum, group=groups["pp"])
     dist.all_reduce(loss_sum, group=groups["dp"])
     for chunk in runtime.chunks:
@@ -226,9 +228,7 @@ def train(cfg: DictConfig) -> dict:
     val_loader = ShardedLoader(
         val_set, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp
     )
-    val_batches = [
-        mb for b in range(t.val_batches) for mb in val_loader.batch_at(b * t.global_batch_size)
-    ]
+    val_batches = [val_loader.batch_at(b * t.global_batch_size) for b in range(t.val_batches)]
 
     torch.manual_seed(t.seed)
     tp = dims.tensor_parallel(job.parallel.sequence_parallel)
