@@ -17,15 +17,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from skipjack.config import OptimConfig, ParallelConfig, TrainConfig, TrainJobConfig
+from skipjack.config import ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.data.loader import ShardedLoader
 from skipjack.models.llama import flops_per_token, preset
-from skipjack.optim.builder import build_lr_schedule, build_optimizer
-from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples
-from skipjack.trainer.trainer import build_pipeline, forward_backward, optimizer_step
+from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
 
 # bytes one rank sends in a ring implementation, per byte of the tensor argument named below
 SENT_PER_BYTE = {
@@ -78,20 +76,15 @@ def measure(
     job = TrainJobConfig(
         model=cfg,
         parallel=ParallelConfig(tp=tp, sequence_parallel=sequence_parallel),
-        train=TrainConfig(micro_batch_size=batch, seq_len=seq_len, dtype="fp32"),
+        train=TrainConfig(steps=steps + 2, micro_batch_size=batch, seq_len=seq_len, dtype="fp32"),
     )
-    runtime = build_pipeline(job, dims, dims.tensor_parallel(sequence_parallel), 1, device)
-    model = torch.nn.ModuleList(runtime.chunks)
-    optim_cfg = OptimConfig()
-    optimizer = build_optimizer(model, optim_cfg, device)
-    schedule = build_lr_schedule(optimizer, optim_cfg, steps + 2)
-    sync = GradientSync(model.parameters(), dims.group("dp"))
+    training = build_training(job, dims, 1, device)
     data = SyntheticSamples((steps + 2) * batch, seq_len, cfg.vocab_size)
     loader = ShardedLoader(data, batch, batch, 0, 1)
 
     def step():
-        forward_backward(runtime, loader.next(), sync, dims.groups, device)
-        optimizer_step(model, optimizer, schedule, 1.0, dims.groups)
+        forward_backward(training.runtime, loader.next(), training.grad_sync, dims.groups, device)
+        optimizer_step(training.model, training.optimizer, training.schedule, 1.0, dims.groups)
 
     for _ in range(2):  # warm-up
         step()

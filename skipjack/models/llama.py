@@ -304,13 +304,17 @@ def parameter_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     raise KeyError(f"no parameter named {name!r} in a Llama model")
 
 
-def num_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
-    """Parameter count of the whole model (computed, no allocation)."""
+def block_parameters(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block (attention, SwiGLU MLP, two norms)."""
     head_dim = cfg.dim // cfg.n_heads
     attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    block = attn + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
+    return attn + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
+
+
+def num_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Parameter count of the whole model (computed, no allocation)."""
     emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layers * block + cfg.dim + (emb if embeddings else 0)
+    return cfg.n_layers * block_parameters(cfg) + cfg.dim + (emb if embeddings else 0)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -8,11 +8,9 @@ import torch.distributed as dist
 from skipjack.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.data.loader import ShardedLoader
 from skipjack.models.llama import parameter_shape
-from skipjack.optim.builder import build_lr_schedule, build_optimizer
-from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
-from skipjack.trainer.trainer import build_pipeline, forward_backward, optimizer_step
+from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -74,34 +72,39 @@ def train_reference(
     job = TrainJobConfig(
         model=model_cfg,
         parallel=ParallelConfig(
-            tp=tp, pp=pp, vpp=vpp, schedule=schedule, sequence_parallel=sequence_parallel
+            tp=tp,
+            pp=pp,
+            vpp=vpp,
+            schedule=schedule,
+            sequence_parallel=sequence_parallel,
+            bucket_mb=0.05,
         ),
+        # a small lr: Adam's first updates are sign(g), so rounding noise in a near-zero
+        # gradient element would otherwise move that weight by a full lr in one layout only
+        optim=OptimConfig(lr=1e-4, warmup_steps=2),
         train=TrainConfig(
-            micro_batch_size=micro_batch_size, seq_len=seq_len, seed=seed, dtype="fp32"
+            steps=steps,
+            micro_batch_size=micro_batch_size,
+            seq_len=seq_len,
+            seed=seed,
+            dtype="fp32",
         ),
     )
-    runtime = build_pipeline(
-        job, dims, dims.tensor_parallel(sequence_parallel), loader.accumulation_steps, device
-    )
-    chunks = runtime.chunks
-    model = torch.nn.ModuleList(chunks)
-    # a small lr: Adam's first updates are sign(g), so rounding noise in a near-zero gradient
-    # element would otherwise move that weight by a full lr in one layout and not the other
-    optim_cfg = OptimConfig(lr=1e-4, warmup_steps=2)
-    optimizer = build_optimizer(model, optim_cfg, device)
-    schedule_lr = build_lr_schedule(optimizer, optim_cfg, steps)
-    sync = GradientSync(model.parameters(), dims.group("dp"), bucket_mb=0.05)
+    training = build_training(job, dims, loader.accumulation_steps, device)
+    runtime = training.runtime
     history = []
     for _ in range(steps):
-        loss = forward_backward(runtime, loader.next(), sync, dims.groups, device)
+        loss = forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
         grads = {
             n: all_gather_full(p.grad, spec_of(p), dims.groups)[: parameter_shape(model_cfg, n)[0]]
-            for chunk in chunks
+            for chunk in runtime.chunks
             for n, p in chunk.named_parameters()
         }
         stage_grads = [None] * pp
         dist.all_gather_object(stage_grads, grads, group=dims.group("pp"))
-        optimizer_step(model, optimizer, schedule_lr, optim_cfg.grad_clip, dims.groups)
+        optimizer_step(
+            training.model, training.optimizer, training.schedule, job.optim.grad_clip, dims.groups
+        )
         history.append({"loss": loss, "grads": {k: v for g in stage_grads for k, v in g.items()}})
     return history
 

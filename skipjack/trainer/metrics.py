@@ -44,9 +44,7 @@ class Metrics:
         enabled: bool,
         progress: bool,
         wandb_run=None,
-        start_step: int = 0,
     ):
-        self.run_dir = run_dir
         self.flops_per_token = flops_per_token
         self.device = device
         self.enabled = enabled
@@ -67,7 +65,7 @@ class Metrics:
             )
             self._progress.start()
             self._task = self._progress.add_task(
-                "train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0
+                "train", total=total_steps, loss=float("nan"), tps=0.0
             )
 
     def step(

@@ -22,7 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
-from skipjack.models.llama import Llama, Stage, flops_per_token, num_parameters
+from skipjack.models.llama import (
+    Llama,
+    Stage,
+    block_parameters,
+    flops_per_token,
+    num_parameters,
+)
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
@@ -37,12 +43,6 @@ from skipjack.parallel.pipeline.schedule import build_schedule
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
 from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entropy
 from skipjack.trainer.metrics import Metrics
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -76,10 +76,10 @@ def build_pipeline(
     if p.layers_per_stage:
         layers = explicit_partition(list(p.layers_per_stage), m.n_layers, schedule.num_stages)
     elif p.partition == "redistribute":
-        seq = job.train.seq_len
-        layer_flops, output_flops = 24 * m.dim**2 + 4 * seq * m.dim, 2 * m.dim * m.vocab_size
+        # forward FLOPs per token: a block's matmuls and attention, the output layer
+        layer_flops = 2 * block_parameters(m) + 4 * job.train.seq_len * m.dim
         layers = redistribute_partition(
-            m.n_layers, schedule.num_stages, layer_flops, 0.0, output_flops
+            m.n_layers, schedule.num_stages, layer_flops, 0.0, 2 * m.dim * m.vocab_size
         )
     else:
         layers = even_partition(m.n_layers, schedule.num_stages)
@@ -101,6 +101,30 @@ def build_pipeline(
     )
 
 
+@dataclass
+class Training:
+    """What a rank trains with: its pipeline runtime (model chunks), optimizer, LR schedule and
+    gradient synchronisation across replicas."""
+
+    runtime: PipelineRuntime
+    model: torch.nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    grad_sync: GradientSync
+
+
+def build_training(
+    job: TrainJobConfig, dims: ParallelDims, accumulation: int, device: torch.device
+) -> Training:
+    tp = dims.tensor_parallel(job.parallel.sequence_parallel)
+    runtime = build_pipeline(job, dims, tp, accumulation, device)
+    model = torch.nn.ModuleList(runtime.chunks)
+    optimizer = build_optimizer(model, job.optim, device)
+    schedule = build_lr_schedule(optimizer, job.optim, job.train.steps)
+    grad_sync = GradientSync(model.parameters(), dims.group("dp"), job.parallel.bucket_mb)
+    return Training(runtime, model, optimizer, schedule, grad_sync)
+
+
 def _loss_fn(runtime: PipelineRuntime, scale: torch.Tensor | float):
     """Summed token cross-entropy of a micro-batch, divided by `scale`."""
     last = runtime.chunks[-1]
@@ -110,6 +134,14 @@ def _loss_fn(runtime: PipelineRuntime, scale: torch.Tensor | float):
         return ce.sum() / scale
 
     return loss_fn
+
+
+def _sum_over_stages_and_replicas(
+    loss_sum: torch.Tensor, groups: dict[str, dist.ProcessGroup]
+) -> float:
+    dist.all_reduce(loss_sum, group=groups["pp"])  # only last stages computed a loss
+    dist.all_reduce(loss_sum, group=groups["dp"])
+    return float(loss_sum)
 
 
 def forward_backward(
@@ -125,9 +157,7 @@ def forward_backward(
     loss_sum = runtime.run(micro, _loss_fn(runtime, n_targets))
     sync_partial_grads([p for c in runtime.chunks for p in c.parameters()], groups)
     grad_sync.all_reduce()
-    dist.all_reduce(loss_sum, group=groups["pp"])  # only last stages computed a loss
-    dist.all_reduce(loss_sum, group=groups["dp"])
-    return float(loss_sum)
+    return _sum_over_stages_and_replicas(loss_sum, groups)
 
 
 def evaluate(
@@ -143,11 +173,9 @@ def evaluate(
     n_targets = count_targets([mb for micro in batches for mb in micro], groups["dp"]).to(device)
     loss_fn = _loss_fn(runtime, n_targets)
     loss_sum = sum(runtime.run(micro, loss_fn, forward_only=True) for micro in batches)
-    dist.all_reduce(loss_sum, group=groups["pp"])
-    dist.all_reduce(loss_sum, group=groups["dp"])
     for chunk in runtime.chunks:
         chunk.train()
-    return float(loss_sum)
+    return _sum_over_stages_and_replicas(loss_sum, groups)
 
 
 def optimizer_step(
@@ -231,14 +259,12 @@ def train(cfg: DictConfig) -> dict:
     val_batches = [val_loader.batch_at(b * t.global_batch_size) for b in range(t.val_batches)]
 
     torch.manual_seed(t.seed)
-    tp = dims.tensor_parallel(job.parallel.sequence_parallel)
-    runtime = build_pipeline(job, dims, tp, loader.accumulation_steps, device)
-    model = torch.nn.ModuleList(runtime.chunks)
-    optimizer = build_optimizer(model, job.optim, device)
-    schedule = build_lr_schedule(optimizer, job.optim, t.steps)
-    grad_sync = GradientSync(model.parameters(), groups["dp"], job.parallel.bucket_mb)
+    training = build_training(job, dims, loader.accumulation_steps, device)
+    runtime, optimizer = training.runtime, training.optimizer
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    wandb_run = (
+        _wandb_run(job, run_dir, OmegaConf.to_container(cfg, resolve=True)) if lead else None
+    )
     metrics = Metrics(
         run_dir,
         t.steps,
@@ -246,13 +272,13 @@ def train(cfg: DictConfig) -> dict:
         device,
         enabled=lead,
         progress=job.logging.progress,
-        wandb_run=_wandb_run(job, run_dir, resolved) if lead else None,
+        wandb_run=wandb_run,
     )
     if lead:
+        sp = " (sp)" if job.parallel.sequence_parallel else ""
         print(
             f"skipjack: {job.model.name} ({num_parameters(job.model) / 1e6:.1f}M parameters) "
-            f"dp={dims.dp} pp={dims.pp} tp={dims.tp}{' (sp)' if tp.sequence_parallel else ''} "
-            f"on {device}, "
+            f"dp={dims.dp} pp={dims.pp} tp={dims.tp}{sp} on {device}, "
             f"{t.steps} steps x {t.global_batch_size} sequences x {t.seq_len} tokens, "
             f"accumulation {loader.accumulation_steps}; run dir {run_dir}"
         )
@@ -264,9 +290,11 @@ def train(cfg: DictConfig) -> dict:
     step_tokens = t.global_batch_size * t.seq_len
     for step in range(1, t.steps + 1):
         started = time.perf_counter()
-        loss = forward_backward(runtime, loader.next(), grad_sync, groups, device)
+        loss = forward_backward(runtime, loader.next(), training.grad_sync, groups, device)
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = optimizer_step(model, optimizer, schedule, job.optim.grad_clip, groups)
+        grad_norm = optimizer_step(
+            training.model, optimizer, training.schedule, job.optim.grad_clip, groups
+        )
         seconds = time.perf_counter() - started
         val_loss = None
         if val_batches and (step % t.val_interval == 0 or step == t.steps):
@@ -301,7 +329,7 @@ def train(cfg: DictConfig) -> dict:
         for name in ("config", "metrics", "plot"):
             if name in summary:
                 print(f"  {name:8s} {summary[name]}")
-        if job.logging.wandb and job.logging.wandb_mode != "disabled":
+        if wandb_run is not None:
             print(f"  wandb    {run_dir / 'wandb'} (sync with `wandb sync`)")
     dist.destroy_process_group()
     return summary

@@ -41,8 +41,8 @@ def redistribute_partition(
 ) -> list[range]:
     """Contiguous layer counts minimising the most expensive stage (ties: earlier stages fuller).
 
-    Costs are in any common unit, e.g. forward FLOPs per token: a layer ~ 24 d^2 + 4 s d, the
-    output layer and loss ~ 2 d V, the embedding lookup ~ 0.
+    Costs are in any common unit, e.g. forward FLOPs per token: a block ~ 2 x its parameters
+    + 4 s d, the output layer and loss ~ 2 d V, the embedding lookup ~ 0.
     """
     if n_layers < n_stages:
         return even_partition(n_layers, n_stages)
