@@ -81,6 +81,7 @@ class ParallelConfig:
     schedule: str = "1f1b"
     partition: str = "even"
     layers_per_stage: list[int] = field(default_factory=list)
+    vocab_parallel: str = "none"
     sequence_parallel: bool = False
     bucket_mb: float = 25.0
 
@@ -209,6 +210,7 @@ def validate_tensor_parallel(m: ModelConfig, tp: int) -> None:
 
 _SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 _PARTITIONS = ("even", "redistribute")
+_VOCAB_PARALLEL = ("none", "alg1", "alg2")
 
 
 def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:
@@ -233,9 +235,26 @@ def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:
             "parallel.layers_per_stage",
             f"needs {stages} counts summing to n_layers={cfg.model.n_layers}",
         )
-    if p.pp > 1 and cfg.model.tie_embeddings:
+    if p.vocab_parallel not in _VOCAB_PARALLEL:
         raise ConfigError(
-            "model.tie_embeddings", "tied embeddings need pp=1 (embedding and output on one stage)"
+            "parallel.vocab_parallel", f"unknown {p.vocab_parallel!r}; use one of {_VOCAB_PARALLEL}"
+        )
+    if p.vocab_parallel != "none":
+        if p.pp == 1:
+            raise ConfigError(
+                "parallel.vocab_parallel",
+                "needs pp > 1 (with pp=1, tensor parallelism already splits the vocabulary)",
+            )
+        if p.partition == "redistribute" or p.layers_per_stage:
+            raise ConfigError(
+                "parallel.partition",
+                "vocab_parallel spreads the vocabulary layers over every stage, so the layers are "
+                "split evenly; use parallel.partition=even and no layers_per_stage",
+            )
+    elif p.pp > 1 and cfg.model.tie_embeddings:
+        raise ConfigError(
+            "model.tie_embeddings",
+            "tied embeddings need pp=1 or parallel.vocab_parallel (embedding and output together)",
         )
     if p.schedule == "interleaved_1f1b":
         dp = resolve_dp(p, world_size)

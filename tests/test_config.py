@@ -75,6 +75,15 @@ def test_default_job_is_valid():
             "sequence parallelism",
         ),
         (["parallel.tp=2"], 3, "parallel.tp", "world size 3"),
+        (["parallel.pp=2", "parallel.vocab_parallel=alg3"], 2, "parallel.vocab_parallel", "alg2"),
+        (["parallel.vocab_parallel=alg2"], 1, "parallel.vocab_parallel", "needs pp > 1"),
+        (
+            ["parallel.pp=2", "parallel.vocab_parallel=alg2", "parallel.partition=redistribute"],
+            2,
+            "parallel.partition",
+            "partition=even",
+        ),
+        (["parallel.pp=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings", "vocab_par"),
     ],
 )
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):

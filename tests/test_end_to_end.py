@@ -57,6 +57,7 @@ def test_shortened_default_job_through_the_cli(tmp_path):
         ["parallel.dp=2"],
         ["parallel.tp=2", "parallel.sequence_parallel=true"],
         ["parallel.pp=2", "parallel.partition=redistribute"],
+        ["parallel.pp=2", "parallel.vocab_parallel=alg2"],
     ],
 )
 def test_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):

@@ -6,6 +6,10 @@ and output layer on the last. Parameters are created on the meta device and mate
 `init_weights`, which draws every tensor from a generator seeded by (seed, parameter name). The
 values therefore do not depend on which stage, rank or layout builds them: any partition of the
 model holds exactly the slices of the single-process model.
+
+Under vocabulary parallelism the stages hold neither embedding nor output layer: `VocabShards`
+holds this rank's rows of both, split over all pipeline x tensor ranks of a replica, and
+`parallel/pipeline/vocab.py` runs them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from skipjack.config import ConfigError, ModelConfig, validate_model, validate_tensor_parallel
-from skipjack.parallel.shard_spec import HeadLayout, replicated, set_spec, spec_of
+from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, replicated, set_spec, spec_of
 from skipjack.parallel.tensor import (
     TensorParallel,
     VocabParallelEmbedding,
@@ -203,11 +207,17 @@ class Llama(nn.Module):
 
     forward(tokens) on the first stage, forward(hidden) on the others; the last stage returns
     this rank's vocabulary shard of the logits (all of them without tensor parallelism), the
-    others hidden states (sequence shards under sequence parallelism).
+    others hidden states (sequence shards under sequence parallelism). With `vocab_parallel` the
+    embedding and output layer live in `VocabShards` instead: the first stage takes embeddings
+    and the last returns its normed hidden states.
     """
 
     def __init__(
-        self, cfg: ModelConfig, stage: Stage | None = None, tp: TensorParallel | None = None
+        self,
+        cfg: ModelConfig,
+        stage: Stage | None = None,
+        tp: TensorParallel | None = None,
+        vocab_parallel: bool = False,
     ):
         super().__init__()
         validate_model(cfg)
@@ -217,20 +227,23 @@ class Llama(nn.Module):
         self.stage = stage or Stage.whole(cfg.n_layers)
         if self.stage.layers.stop > cfg.n_layers:
             raise ValueError(f"stage layers {self.stage.layers} exceed n_layers={cfg.n_layers}")
-        if cfg.tie_embeddings and not (self.stage.first and self.stage.last):
+        self.vocab_parallel = vocab_parallel
+        if cfg.tie_embeddings and not vocab_parallel and not (self.stage.first and self.stage.last):
             raise ConfigError(
                 "model.tie_embeddings", "tied embeddings need the embedding and output on one stage"
             )
         vocab = padded_vocab_size(cfg.vocab_size, tp.size)
         with torch.device("meta"):
             self.tok_embeddings = (
-                VocabParallelEmbedding(cfg.vocab_size, cfg.dim, tp) if self.stage.first else None
+                VocabParallelEmbedding(cfg.vocab_size, cfg.dim, tp)
+                if self.stage.first and not vocab_parallel
+                else None
             )
             self.layers = nn.ModuleDict({str(i): Block(cfg, tp) for i in self.stage.layers})
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, tp) if self.stage.last else None
             self.output = (
                 column_parallel(cfg.dim, vocab, tp)
-                if self.stage.last and not cfg.tie_embeddings
+                if self.stage.last and not (cfg.tie_embeddings or vocab_parallel)
                 else None
             )
         self.register_buffer("rope", torch.empty(0), persistent=False)
@@ -239,7 +252,7 @@ class Llama(nn.Module):
         return self.tok_embeddings.weight if self.cfg.tie_embeddings else self.output.weight
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(inputs) if self.stage.first else inputs
+        h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
         for block in self.layers.values():
             if self.cfg.activation_checkpointing and self.training:
                 h = checkpoint(block, h, self.rope, use_reentrant=False)
@@ -247,23 +260,58 @@ class Llama(nn.Module):
                 h = block(h, self.rope)
         if not self.stage.last:
             return h
+        if self.vocab_parallel:
+            return self.norm(h)
         return F.linear(enter_tp(self.norm(h), self.tp), self.output_weight())
 
-    @torch.no_grad()
     def init_weights(self, seed: int, device: torch.device | str = "cpu") -> Llama:
-        """Materialise on `device` and fill every parameter with its slice of the global initial
-        tensor drawn from (seed, its global name): the same values in every layout."""
-        specs = {name: spec_of(p) for name, p in self.named_parameters()}
-        self.to_empty(device=device)  # new Parameter objects: the specs are attached again
-        for name, param in self.named_parameters():
-            spec = specs[name]
-            full = initial_value(self.cfg, name, seed)
-            if full.shape[0] < spec.global_shape[0]:  # padded vocabulary rows are zeros
-                full = F.pad(full, (0, 0, 0, spec.global_shape[0] - full.shape[0]))
-            param.copy_(spec.shard(full))
-            set_spec(param, spec)
+        """Materialise on `device` with the same values in every layout (see initialise)."""
+        initialise(self, self.cfg, seed, device)
         self.rope = rope_cos_sin(self.cfg, device)
         return self
+
+
+class VocabShards(nn.Module):
+    """This rank's rows of the input embedding and of the output layer under vocabulary
+    parallelism: the padded vocabulary split evenly over the `vocab` group (the pp x tp ranks of a
+    replica), rank `index` holding rows [index x rows, (index + 1) x rows). Tied embeddings share
+    one tensor, which works here at any pp because both layers are split the same way."""
+
+    def __init__(self, cfg: ModelConfig, index: int, num_shards: int):
+        super().__init__()
+        self.cfg = cfg
+        padded = padded_vocab_size(cfg.vocab_size, num_shards)
+        self.rows = padded // num_shards
+        self.start = index * self.rows
+        spec = ShardSpec((padded, cfg.dim), 0, "vocab", num_shards, index)
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(self.rows, cfg.dim)
+            self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, self.rows, bias=False)
+        for layer in (self.tok_embeddings, self.output):
+            if layer is not None:
+                set_spec(layer.weight, spec)
+
+    def output_weight(self) -> torch.Tensor:
+        return (self.output or self.tok_embeddings).weight
+
+    def init_weights(self, seed: int, device: torch.device | str = "cpu") -> VocabShards:
+        initialise(self, self.cfg, seed, device)
+        return self
+
+
+@torch.no_grad()
+def initialise(module: nn.Module, cfg: ModelConfig, seed: int, device: torch.device | str) -> None:
+    """Materialise `module` on `device`, filling every parameter with its slice of the global
+    initial tensor drawn from (seed, its global name): the same values in every layout."""
+    specs = {name: spec_of(p) for name, p in module.named_parameters()}
+    module.to_empty(device=device)  # new Parameter objects: the specs are attached again
+    for name, param in module.named_parameters():
+        spec = specs[name]
+        full = initial_value(cfg, name, seed)
+        if full.shape[0] < spec.global_shape[0]:  # padded vocabulary rows are zeros
+            full = F.pad(full, (0, 0, 0, spec.global_shape[0] - full.shape[0]))
+        param.copy_(spec.shard(full))
+        set_spec(param, spec)
 
 
 def _init_std(cfg: ModelConfig, name: str) -> float:

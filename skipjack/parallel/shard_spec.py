@@ -110,7 +110,8 @@ def global_grad_norm(params, groups: dict[str, dist.ProcessGroup]) -> torch.Tens
     """L2 norm of the whole model's gradient, every global element counted once.
 
     Sharded gradients contribute their squares summed over their group; replicated ones are
-    identical on every rank of it and contribute once.
+    identical on every rank of it and contribute once. Pipeline stages hold disjoint parameters
+    and are summed, except those sharded over the `vocab` group, which spans the stages already.
     """
     by_group: dict[str, torch.Tensor] = {}
     total = None
@@ -124,11 +125,15 @@ def global_grad_norm(params, groups: dict[str, dist.ProcessGroup]) -> torch.Tens
         else:
             total = sq if total is None else total + sq
     total = torch.zeros(()) if total is None else total
+    across_stages = by_group.pop("vocab", None)
     for name, sq in by_group.items():
         dist.all_reduce(sq, group=groups[name])
         total = total.to(sq.device) + sq
     if "pp" in groups and dist.get_world_size(groups["pp"]) > 1:
-        dist.all_reduce(total, group=groups["pp"])  # pipeline stages hold disjoint parameters
+        dist.all_reduce(total, group=groups["pp"])
+    if across_stages is not None:
+        dist.all_reduce(across_stages, group=groups["vocab"])
+        total = total.to(across_stages.device) + across_stages
     return total.sqrt()
 
 

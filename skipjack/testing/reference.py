@@ -57,6 +57,7 @@ def train_reference(
     pp: int = 1,
     schedule: str = "1f1b",
     vpp: int = 1,
+    vocab_parallel: str = "none",
 ) -> list[dict]:
     """Run `steps` training steps in the current process group (dp = world / (pp x tp)).
 
@@ -76,6 +77,7 @@ def train_reference(
             pp=pp,
             vpp=vpp,
             schedule=schedule,
+            vocab_parallel=vocab_parallel,
             sequence_parallel=sequence_parallel,
             bucket_mb=0.05,
         ),
@@ -97,8 +99,8 @@ def train_reference(
         loss = forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
         grads = {
             n: all_gather_full(p.grad, spec_of(p), dims.groups)[: parameter_shape(model_cfg, n)[0]]
-            for chunk in runtime.chunks
-            for n, p in chunk.named_parameters()
+            for module in training.model  # stage chunks and vocabulary shards
+            for n, p in module.named_parameters()
         }
         stage_grads = [None] * pp
         dist.all_gather_object(stage_grads, grads, group=dims.group("pp"))

@@ -19,12 +19,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
+from skipjack.config import ConfigError, ModelConfig, TrainJobConfig, resolve_dp, validate
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
 from skipjack.models.llama import (
     Llama,
     Stage,
+    VocabShards,
     block_parameters,
     flops_per_token,
     num_parameters,
@@ -40,8 +41,10 @@ from skipjack.parallel.pipeline.partition import (
 )
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
 from skipjack.parallel.pipeline.schedule import build_schedule
+from skipjack.parallel.pipeline.simulate import CostModel
+from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
-from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entropy
+from skipjack.parallel.tensor import TensorParallel, padded_vocab_size
 from skipjack.trainer.metrics import Metrics
 
 
@@ -72,14 +75,19 @@ def build_pipeline(
     (forward and backward of each micro-batch in turn): one code path for every layout.
     """
     p, m = job.parallel, job.model
-    schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp)
+    vocab_parallel = p.vocab_parallel != "none"
+    # one extra warm-up forward per barrier of the vocabulary algorithm (vocab.py)
+    extra_warmup = {"none": 0, "alg1": 2, "alg2": 1}[p.vocab_parallel]
+    schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp, extra_warmup)
     if p.layers_per_stage:
         layers = explicit_partition(list(p.layers_per_stage), m.n_layers, schedule.num_stages)
     elif p.partition == "redistribute":
-        # forward FLOPs per token: a block's matmuls and attention, the output layer
-        layer_flops = 2 * block_parameters(m) + 4 * job.train.seq_len * m.dim
         layers = redistribute_partition(
-            m.n_layers, schedule.num_stages, layer_flops, 0.0, 2 * m.dim * m.vocab_size
+            m.n_layers,
+            schedule.num_stages,
+            layer_flops(m, job.train.seq_len),
+            0.0,
+            2 * m.dim * m.vocab_size,
         )
     else:
         layers = even_partition(m.n_layers, schedule.num_stages)
@@ -87,17 +95,57 @@ def build_pipeline(
     chunks = []
     for chunk in range(p.vpp):
         stage = schedule.stage(dims.pp_rank, chunk)
-        model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp)
+        model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp, vocab_parallel)
         chunks.append(model.init_weights(job.train.seed, device))
     seq = job.train.seq_len // tp.size if tp.sequence_parallel else job.train.seq_len
+    hidden = (job.train.micro_batch_size, job.train.seq_len, m.dim)
+    vocab = None
+    if vocab_parallel:
+        index, size = dims.pp_rank * dims.tp + dims.tp_rank, dims.pp * dims.tp
+        shards = VocabShards(m, index, size).init_weights(job.train.seed, device)
+        schedule = insert_vocab_passes(
+            schedule, vocab_cost_model(m, job.train.seq_len, layers, size, p.vpp)
+        )
+        vocab = VocabParallel(
+            shards,
+            dims.group("vocab"),
+            tp,
+            dims.pp_rank,
+            schedule.owner(0)[0],
+            schedule.owner(last)[0],
+            hidden,
+            p.vocab_parallel,
+        )
     return PipelineRuntime(
         schedule,
         chunks,
         dims.pp_rank,
         P2P(dims.group("pp"), schedule.num_stages),
-        (job.train.micro_batch_size, seq, m.dim),
+        (hidden[0], seq, hidden[2]),
         device,
         lambda: autocast_for(device, job.train.dtype),
+        vocab,
+    )
+
+
+def layer_flops(m: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one block: its matmuls and attention."""
+    return 2 * block_parameters(m) + 4 * seq_len * m.dim
+
+
+def vocab_cost_model(
+    m: ModelConfig, seq_len: int, layers: list[range], shards: int, vpp: int
+) -> CostModel:
+    """Relative costs (forward FLOPs per token) that place the vocabulary passes: a stage's
+    blocks, and per rank its share of the output layer (S: logits, and input gradient under
+    alg2; T: weight gradient) and of the embedding (E, G: lookups)."""
+    block = layer_flops(m, seq_len)
+    output = 2 * m.dim * padded_vocab_size(m.vocab_size, shards) / shards
+    forward = [len(r) * block for r in layers]
+    return CostModel(
+        forward,
+        [2 * f for f in forward],
+        vocab={"E": m.dim, "S": 2 * output, "R": m.dim, "T": output, "G": m.dim},
     )
 
 
@@ -107,7 +155,7 @@ class Training:
     gradient synchronisation across replicas."""
 
     runtime: PipelineRuntime
-    model: torch.nn.ModuleList
+    model: torch.nn.ModuleList  # the chunks, and the vocabulary shards if any
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     grad_sync: GradientSync
@@ -118,22 +166,12 @@ def build_training(
 ) -> Training:
     tp = dims.tensor_parallel(job.parallel.sequence_parallel)
     runtime = build_pipeline(job, dims, tp, accumulation, device)
-    model = torch.nn.ModuleList(runtime.chunks)
+    vocab = [runtime.vocab.shards] if runtime.vocab is not None else []
+    model = torch.nn.ModuleList(runtime.chunks + vocab)
     optimizer = build_optimizer(model, job.optim, device)
     schedule = build_lr_schedule(optimizer, job.optim, job.train.steps)
     grad_sync = GradientSync(model.parameters(), dims.group("dp"), job.parallel.bucket_mb)
     return Training(runtime, model, optimizer, schedule, grad_sync)
-
-
-def _loss_fn(runtime: PipelineRuntime, scale: torch.Tensor | float):
-    """Summed token cross-entropy of a micro-batch, divided by `scale`."""
-    last = runtime.chunks[-1]
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = vocab_parallel_cross_entropy(logits, labels, last.tp, last.cfg.vocab_size)
-        return ce.sum() / scale
-
-    return loss_fn
 
 
 def _sum_over_stages_and_replicas(
@@ -154,7 +192,7 @@ def forward_backward(
     """Accumulate the gradient of the global mean loss over micro-batches, pipeline stages and
     replicas; returns that loss."""
     n_targets = count_targets(micro, groups["dp"]).to(device)
-    loss_sum = runtime.run(micro, _loss_fn(runtime, n_targets))
+    loss_sum = runtime.run(micro, n_targets)
     sync_partial_grads([p for c in runtime.chunks for p in c.parameters()], groups)
     grad_sync.all_reduce()
     return _sum_over_stages_and_replicas(loss_sum, groups)
@@ -171,8 +209,7 @@ def evaluate(
     for chunk in runtime.chunks:
         chunk.eval()
     n_targets = count_targets([mb for micro in batches for mb in micro], groups["dp"]).to(device)
-    loss_fn = _loss_fn(runtime, n_targets)
-    loss_sum = sum(runtime.run(micro, loss_fn, forward_only=True) for micro in batches)
+    loss_sum = sum(runtime.run(micro, n_targets, forward_only=True) for micro in batches)
     for chunk in runtime.chunks:
         chunk.train()
     return _sum_over_stages_and_replicas(loss_sum, groups)

@@ -6,6 +6,10 @@ on this rank, or from the pipeline rank that owns the previous stage of the rout
 of a route computes the loss. A backward retraces the route: it takes the output gradient from
 the next stage of the route and hands its input gradient to the previous one. Activations are
 freed as soon as their backward ran.
+
+Under vocabulary parallelism (`vocab`) the first stage's input comes from the E pass, the last
+stage's output goes to the S pass, the loss and the output gradient come from the R pass, and the
+first stage's input gradient goes to the G pass.
 """
 
 from __future__ import annotations
@@ -17,9 +21,8 @@ import torch
 
 from skipjack.parallel.pipeline.comm import BACKWARD, FORWARD, P2P, message_tag
 from skipjack.parallel.pipeline.schedule import Action, Schedule
-
-# loss of one microbatch from the last stage's output and its labels (a differentiable scalar)
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from skipjack.parallel.pipeline.vocab import VocabParallel
+from skipjack.parallel.tensor import vocab_parallel_cross_entropy
 
 
 class PipelineRuntime:
@@ -32,6 +35,7 @@ class PipelineRuntime:
         activation_shape: tuple[int, ...],
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        vocab: VocabParallel | None = None,
     ):
         if len(chunks) != schedule.vpp:
             raise ValueError(f"{len(chunks)} model chunks for a schedule with vpp={schedule.vpp}")
@@ -42,29 +46,54 @@ class PipelineRuntime:
         self.activation_shape = activation_shape  # hidden states between stages, fp32
         self.device = device
         self.autocast = autocast  # entered around every forward (bf16 on CUDA)
+        self.vocab = vocab
+        if (vocab is not None) != schedule.vocab_passes:
+            raise ValueError("vocabulary parallelism needs a schedule with vocabulary passes")
+        self.holds_last_stage = schedule.owner(schedule.num_stages - 1)[0] == pp_rank
 
     def run(
         self,
         micro: list[tuple[torch.Tensor, torch.Tensor]],
-        loss_fn: LossFn,
+        scale: torch.Tensor | float,
         forward_only: bool = False,
     ) -> torch.Tensor:
-        """Forward and backward of every microbatch; returns the sum of the losses computed on
-        this rank (last stages), detached. Gradients accumulate in the chunks' parameters.
-        `forward_only` runs the schedule's forwards alone, without autograd (evaluation)."""
+        """Forward and backward of every microbatch; returns the sum over the microbatches whose
+        last stage this rank holds of their summed token cross-entropy divided by `scale`,
+        detached. Gradients (of that loss) accumulate in the parameters. `forward_only` runs the
+        forwards alone, without autograd (evaluation)."""
         s = self.schedule
         if len(micro) != s.microbatches:
             raise ValueError(f"{len(micro)} microbatches for a schedule of {s.microbatches}")
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank handoffs
         loss_sum = torch.zeros((), device=self.device)
+        vocab = self.vocab
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             for action in s.actions[self.rank]:
-                if action.kind == "F":
-                    loss_sum += self._forward(action, micro, loss_fn, saved, local)
-                elif not forward_only:
+                kind, mb = action.kind, action.microbatch
+                if kind == "F":
+                    loss_sum += self._forward(action, micro, scale, saved, local)
+                elif forward_only and kind in ("B", "T", "G"):
+                    continue
+                elif kind == "B":
                     self._backward(action, saved, local)
+                elif kind == "E":
+                    with self.autocast():
+                        vocab.embed(mb, micro[mb][0])
+                elif kind == "S":
+                    with self.autocast():
+                        vocab.output(mb, micro[mb][1])
+                elif kind == "R":
+                    loss = vocab.reduce(mb, scale)
+                    if self.holds_last_stage:
+                        loss_sum += loss.detach()
+                elif kind == "T":
+                    vocab.weight_grad(mb)
+                elif kind == "G":
+                    vocab.embedding_grad(mb)
         self.p2p.wait_all()
+        if vocab is not None:
+            vocab.finish()
         return loss_sum
 
     def _route(self, action: Action) -> tuple[list[int], int, int]:
@@ -92,34 +121,47 @@ class PipelineRuntime:
             tag = message_tag(mb, to_stage, direction, self.schedule.num_stages)
             self.p2p.send(tensor, dst, tag)
 
-    def _forward(self, action, micro, loss_fn, saved, local) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, scale) -> torch.Tensor:
+        last = self.chunks[-1]
+        ce = vocab_parallel_cross_entropy(
+            logits, labels.to(self.device), last.tp, last.cfg.vocab_size
+        )
+        return ce.sum() / scale
+
+    def _forward(self, action, micro, scale, saved, local) -> torch.Tensor:
         route, hop, stage = self._route(action)
+        mb, vocab = action.microbatch, self.vocab
         last = hop == len(route) - 1
-        tokens, labels = micro[action.microbatch]
         if hop == 0:
-            inputs = tokens.to(self.device)
+            inputs = micro[mb][0].to(self.device) if vocab is None else vocab.embedding(mb)
         else:
-            inputs = self._receive(action.microbatch, route[hop - 1], stage, FORWARD, local)
+            inputs = self._receive(mb, route[hop - 1], stage, FORWARD, local)
+        if inputs.is_floating_point():
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
             output = self.chunks[action.chunk](inputs)
-            if last:
-                output = loss_fn(output, labels.to(self.device))
-        if not last:
-            self._deliver(
-                output.detach().float(), action.microbatch, route[hop + 1], FORWARD, local
-            )
+            if last and vocab is None:
+                output = self._loss(output, micro[mb][1], scale)
+        if last and vocab is not None:
+            vocab.hidden[mb] = output.detach()
+        elif not last:
+            self._deliver(output.detach().float(), mb, route[hop + 1], FORWARD, local)
         if torch.is_grad_enabled():
-            saved[(action.microbatch, stage)] = (inputs if hop else None, output)
-        return output.detach() if last else torch.zeros((), device=self.device)
+            saved[(mb, stage)] = (inputs if inputs.requires_grad else None, output)
+        return output.detach() if last and vocab is None else torch.zeros((), device=self.device)
 
     def _backward(self, action, saved, local) -> None:
         route, hop, stage = self._route(action)
-        inputs, output = saved.pop((action.microbatch, stage))
-        if hop == len(route) - 1:
-            output.backward()
+        mb, vocab = action.microbatch, self.vocab
+        inputs, output = saved.pop((mb, stage))
+        if hop < len(route) - 1:
+            grad = self._receive(mb, route[hop + 1], stage, BACKWARD, local)
+        elif vocab is not None:
+            grad = vocab.output_grad(mb)
         else:
-            grad = self._receive(action.microbatch, route[hop + 1], stage, BACKWARD, local)
-            torch.autograd.backward(output, grad)
+            grad = None  # the loss
+        torch.autograd.backward(output, grad)
         if hop:
-            self._deliver(inputs.grad, action.microbatch, route[hop - 1], BACKWARD, local)
+            self._deliver(inputs.grad, mb, route[hop - 1], BACKWARD, local)
+        elif vocab is not None:
+            vocab.input_grads[mb] = inputs.grad

@@ -6,18 +6,32 @@ for each microbatch, the ordered stages it visits (a full pipeline visits every 
 Stage s lives on rank s % pp as its chunk s // pp (Megatron's interleaved assignment; with vpp=1
 stage s is rank s). Schedules can be checked and simulated without processes (`simulate.py`);
 the runtime executes them.
+
+Under vocabulary parallelism (`vocab.py`) every rank also runs five passes per microbatch: E
+(input embedding of its vocabulary shard), S (its logits and softmax statistics), R (the combined
+statistics: loss and input gradient), T (its output weight gradient) and G (its embedding weight
+gradient). All but T start collectives over the pipeline ranks, so every rank runs them in one
+order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+VOCAB_PASSES = ("E", "S", "R", "T", "G")
+COLLECTIVE_PASSES = ("E", "S", "R", "G")
+
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "F" forward, "B" backward
+    kind: str  # "F" forward, "B" backward, or a vocabulary pass (VOCAB_PASSES)
     microbatch: int
     chunk: int = 0
+
+    @property
+    def collective(self) -> bool:
+        """A vocabulary pass that starts a collective: every rank runs these in one order."""
+        return self.kind in COLLECTIVE_PASSES
 
     def __str__(self) -> str:
         return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
@@ -31,6 +45,7 @@ class Schedule:
     actions: list[list[Action]]
     vpp: int = 1
     routes: list[list[int]] = field(default_factory=list)
+    vocab_passes: bool = False  # the vocabulary passes of every microbatch on every rank
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -55,6 +70,8 @@ class Schedule:
             for stage in route:
                 rank, chunk = self.owner(stage)
                 expected |= {(rank, Action("F", mb, chunk)), (rank, Action("B", mb, chunk))}
+            if self.vocab_passes:
+                expected |= {(r, Action(k, mb)) for r in range(self.pp) for k in VOCAB_PASSES}
         seen = set()
         for rank, actions in enumerate(self.actions):
             for action in actions:
@@ -68,6 +85,16 @@ class Schedule:
         if missing:
             rank, action = min(missing, key=lambda k: (k[0], str(k[1])))
             raise ValueError(f"{self.name}: rank {rank} never runs {action}")
+        orders = [[a for a in actions if a.collective] for actions in self.actions]
+        for rank, order in enumerate(orders):
+            if order != orders[0]:
+                first = next(
+                    i for i, (a, b) in enumerate(zip(order, orders[0], strict=False)) if a != b
+                )
+                raise ValueError(
+                    f"{self.name}: collective vocabulary passes out of order: rank {rank} runs "
+                    f"{order[first]} where rank 0 runs {orders[0][first]}"
+                )
 
 
 def gpipe(pp: int, microbatches: int) -> Schedule:
@@ -80,12 +107,13 @@ def gpipe(pp: int, microbatches: int) -> Schedule:
     return Schedule("gpipe", pp, microbatches, actions)
 
 
-def one_f_one_b(pp: int, microbatches: int) -> Schedule:
+def one_f_one_b(pp: int, microbatches: int, extra_warmup: int = 0) -> Schedule:
     """PipeDream-flush 1F1B (Narayanan et al. 2021): rank r warms up with pp - r - 1 forwards,
-    then alternates one forward and one backward, then drains: at most pp - r in flight."""
+    then alternates one forward and one backward, then drains: at most pp - r in flight.
+    `extra_warmup` more forwards per rank give slack for the vocabulary passes (vocab.py)."""
     actions = []
     for rank in range(pp):
-        warmup = min(pp - rank - 1, microbatches)
+        warmup = min(pp - rank - 1 + extra_warmup, microbatches)
         ops = [Action("F", mb) for mb in range(warmup)]
         for i in range(microbatches - warmup):
             ops += [Action("F", warmup + i), Action("B", i)]
@@ -94,7 +122,7 @@ def one_f_one_b(pp: int, microbatches: int) -> Schedule:
     return Schedule("1f1b", pp, microbatches, actions)
 
 
-def interleaved_1f1b(pp: int, microbatches: int, vpp: int) -> Schedule:
+def interleaved_1f1b(pp: int, microbatches: int, vpp: int, extra_warmup: int = 0) -> Schedule:
     """Megatron's interleaved 1F1B (Narayanan et al. 2021, section 2.2): vpp model chunks per
     rank, microbatches taken in groups of pp through chunk 0, then chunk 1, ...; the bubble
     shrinks by vpp. Needs microbatches to be a multiple of pp."""
@@ -113,7 +141,7 @@ def interleaved_1f1b(pp: int, microbatches: int, vpp: int) -> Schedule:
 
     actions = []
     for rank in range(pp):
-        warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+        warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp + extra_warmup, total)
         ops = [virtual(k, False) for k in range(warmup)]
         for i in range(total - warmup):
             ops += [virtual(warmup + i, False), virtual(i, True)]
@@ -122,13 +150,15 @@ def interleaved_1f1b(pp: int, microbatches: int, vpp: int) -> Schedule:
     return Schedule("interleaved_1f1b", pp, microbatches, actions, vpp=vpp)
 
 
-def build_schedule(name: str, pp: int, microbatches: int, vpp: int = 1) -> Schedule:
+def build_schedule(
+    name: str, pp: int, microbatches: int, vpp: int = 1, extra_warmup: int = 0
+) -> Schedule:
     if name == "gpipe":
         schedule = gpipe(pp, microbatches)
     elif name == "1f1b":
-        schedule = one_f_one_b(pp, microbatches)
+        schedule = one_f_one_b(pp, microbatches, extra_warmup)
     elif name == "interleaved_1f1b":
-        schedule = interleaved_1f1b(pp, microbatches, vpp)
+        schedule = interleaved_1f1b(pp, microbatches, vpp, extra_warmup)
     else:
         raise ValueError(f"unknown schedule {name!r}; use gpipe, 1f1b or interleaved_1f1b")
     if vpp != schedule.vpp:
