@@ -97,7 +97,6 @@ def build_pipeline(
         stage = schedule.stage(dims.pp_rank, chunk)
         model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp, vocab_parallel)
         chunks.append(model.init_weights(job.train.seed, device))
-    seq = job.train.seq_len // tp.size if tp.sequence_parallel else job.train.seq_len
     hidden = (job.train.micro_batch_size, job.train.seq_len, m.dim)
     vocab = None
     if vocab_parallel:
@@ -120,8 +119,7 @@ def build_pipeline(
         schedule,
         chunks,
         dims.pp_rank,
-        P2P(dims.group("pp"), schedule.num_stages),
-        (hidden[0], seq, hidden[2]),
+        P2P(dims.group("pp"), schedule.num_stages, device),
         device,
         lambda: autocast_for(device, job.train.dtype),
         vocab,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from skipjack.parallel.pipeline.comm import BACKWARD, FORWARD, P2P, message_tag
+from skipjack.parallel.pipeline.comm import BACKWARD, FORWARD, P2P
 from skipjack.parallel.pipeline.schedule import Action, Schedule
 from skipjack.parallel.pipeline.vocab import VocabParallel
 from skipjack.parallel.tensor import vocab_parallel_cross_entropy
@@ -32,7 +32,6 @@ class PipelineRuntime:
         chunks: list[torch.nn.Module],
         pp_rank: int,
         p2p: P2P,
-        activation_shape: tuple[int, ...],
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         vocab: VocabParallel | None = None,
@@ -43,7 +42,6 @@ class PipelineRuntime:
         self.chunks = chunks
         self.rank = pp_rank
         self.p2p = p2p
-        self.activation_shape = activation_shape  # hidden states between stages, fp32
         self.device = device
         self.autocast = autocast  # entered around every forward (bf16 on CUDA)
         self.vocab = vocab
@@ -69,7 +67,8 @@ class PipelineRuntime:
         loss_sum = torch.zeros((), device=self.device)
         vocab = self.vocab
         with torch.no_grad() if forward_only else contextlib.nullcontext():
-            for action in s.actions[self.rank]:
+            actions = s.actions[self.rank]
+            for i, action in enumerate(actions):
                 kind, mb = action.kind, action.microbatch
                 if kind == "F":
                     loss_sum += self._forward(action, micro, scale, saved, local)
@@ -91,6 +90,8 @@ class PipelineRuntime:
                     vocab.weight_grad(mb)
                 elif kind == "G":
                     vocab.embedding_grad(mb)
+                following = actions[i + 1] if i + 1 < len(actions) else None
+                self.p2p.flush(self._expected(following, forward_only))
         self.p2p.wait_all()
         if vocab is not None:
             vocab.finish()
@@ -101,15 +102,26 @@ class PipelineRuntime:
         route = self.schedule.routes[action.microbatch]
         return route, route.index(stage), stage
 
+    def _expected(self, action: Action | None, forward_only: bool):
+        """(src rank, mb, stage, direction) of the message `action` will wait for, if remote."""
+        if action is None or action.kind not in ("F", "B") or (forward_only and action.kind == "B"):
+            return None
+        route, hop, stage = self._route(action)
+        forward = action.kind == "F"
+        if (hop == 0) if forward else (hop == len(route) - 1):
+            return None
+        src = self.schedule.owner(route[hop - 1] if forward else route[hop + 1])[0]
+        if src == self.rank:
+            return None
+        return (src, action.microbatch, stage, FORWARD if forward else BACKWARD)
+
     def _receive(
         self, mb: int, from_stage: int, to_stage: int, direction: int, local: dict
     ) -> torch.Tensor:
         key = (mb, to_stage, direction)
         if key in local:
             return local.pop(key)
-        src = self.schedule.owner(from_stage)[0]
-        tag = message_tag(mb, to_stage, direction, self.schedule.num_stages)
-        return self.p2p.recv(self.activation_shape, torch.float32, self.device, src, tag)
+        return self.p2p.recv(self.schedule.owner(from_stage)[0], mb, to_stage, direction)
 
     def _deliver(
         self, tensor: torch.Tensor, mb: int, to_stage: int, direction: int, local: dict
@@ -118,8 +130,7 @@ class PipelineRuntime:
         if dst == self.rank:
             local[(mb, to_stage, direction)] = tensor
         else:
-            tag = message_tag(mb, to_stage, direction, self.schedule.num_stages)
-            self.p2p.send(tensor, dst, tag)
+            self.p2p.send(tensor, dst, mb, to_stage, direction)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, scale) -> torch.Tensor:
         last = self.chunks[-1]
