@@ -9,7 +9,6 @@ gradient of the global mean loss.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -19,40 +18,17 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from skipjack.config import ConfigError, ModelConfig, TrainJobConfig, resolve_dp, validate
+from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
-from skipjack.models.llama import (
-    Llama,
-    Stage,
-    VocabShards,
-    block_parameters,
-    flops_per_token,
-    num_parameters,
-)
+from skipjack.models.llama import flops_per_token, num_parameters
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
-from skipjack.parallel.pipeline.comm import P2P
-from skipjack.parallel.pipeline.partition import (
-    even_partition,
-    explicit_partition,
-    redistribute_partition,
-)
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
-from skipjack.parallel.pipeline.schedule import build_schedule
-from skipjack.parallel.pipeline.simulate import CostModel
-from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
-from skipjack.parallel.tensor import TensorParallel, padded_vocab_size
 from skipjack.trainer.metrics import Metrics
-
-
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA; CPU runs in fp32 (CPU bf16 matmuls are slower, not faster)."""
-    if device.type == "cuda" and dtype == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from skipjack.trainer.pipeline import build_pipeline
 
 
 def count_targets(micro: list[MicroBatch], group: dist.ProcessGroup) -> torch.Tensor:
@@ -60,91 +36,6 @@ def count_targets(micro: list[MicroBatch], group: dist.ProcessGroup) -> torch.Te
     n = torch.tensor(float(sum(int((labels != -100).sum()) for _, labels in micro)))
     dist.all_reduce(n, group=group)
     return n
-
-
-def build_pipeline(
-    job: TrainJobConfig,
-    dims: ParallelDims,
-    tp: TensorParallel,
-    accumulation: int,
-    device: torch.device,
-) -> PipelineRuntime:
-    """This rank's model chunks (one per stage it owns) and the runtime that runs the schedule.
-
-    Without pipeline parallelism it is one chunk holding the whole model and a one-stage 1F1B
-    (forward and backward of each micro-batch in turn): one code path for every layout.
-    """
-    p, m = job.parallel, job.model
-    vocab_parallel = p.vocab_parallel != "none"
-    # one extra warm-up forward per barrier of the vocabulary algorithm (vocab.py)
-    extra_warmup = {"none": 0, "alg1": 2, "alg2": 1}[p.vocab_parallel]
-    schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp, extra_warmup)
-    if p.layers_per_stage:
-        layers = explicit_partition(list(p.layers_per_stage), m.n_layers, schedule.num_stages)
-    elif p.partition == "redistribute":
-        layers = redistribute_partition(
-            m.n_layers,
-            schedule.num_stages,
-            layer_flops(m, job.train.seq_len),
-            0.0,
-            2 * m.dim * m.vocab_size,
-        )
-    else:
-        layers = even_partition(m.n_layers, schedule.num_stages)
-    last = schedule.num_stages - 1
-    chunks = []
-    for chunk in range(p.vpp):
-        stage = schedule.stage(dims.pp_rank, chunk)
-        model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp, vocab_parallel)
-        chunks.append(model.init_weights(job.train.seed, device))
-    hidden = (job.train.micro_batch_size, job.train.seq_len, m.dim)
-    vocab = None
-    if vocab_parallel:
-        index, size = dims.pp_rank * dims.tp + dims.tp_rank, dims.pp * dims.tp
-        shards = VocabShards(m, index, size).init_weights(job.train.seed, device)
-        schedule = insert_vocab_passes(
-            schedule, vocab_cost_model(m, job.train.seq_len, layers, size, p.vpp)
-        )
-        vocab = VocabParallel(
-            shards,
-            dims.group("vocab"),
-            tp,
-            dims.pp_rank,
-            schedule.owner(0)[0],
-            schedule.owner(last)[0],
-            hidden,
-            p.vocab_parallel,
-        )
-    return PipelineRuntime(
-        schedule,
-        chunks,
-        dims.pp_rank,
-        P2P(dims.group("pp"), schedule.num_stages, device),
-        device,
-        lambda: autocast_for(device, job.train.dtype),
-        vocab,
-    )
-
-
-def layer_flops(m: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one block: its matmuls and attention."""
-    return 2 * block_parameters(m) + 4 * seq_len * m.dim
-
-
-def vocab_cost_model(
-    m: ModelConfig, seq_len: int, layers: list[range], shards: int, vpp: int
-) -> CostModel:
-    """Relative costs (forward FLOPs per token) that place the vocabulary passes: a stage's
-    blocks, and per rank its share of the output layer (S: logits, and input gradient under
-    alg2; T: weight gradient) and of the embedding (E, G: lookups)."""
-    block = layer_flops(m, seq_len)
-    output = 2 * m.dim * padded_vocab_size(m.vocab_size, shards) / shards
-    forward = [len(r) * block for r in layers]
-    return CostModel(
-        forward,
-        [2 * f for f in forward],
-        vocab={"E": m.dim, "S": 2 * output, "R": m.dim, "T": output, "G": m.dim},
-    )
 
 
 @dataclass

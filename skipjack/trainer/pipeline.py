@@ -1,0 +1,128 @@
+"""The pipeline a rank runs: stage partition, schedule, model chunks, vocabulary shards, and the
+cost model that places the vocabulary passes (and predicts MFU in bench/vocab_parallel.py)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from skipjack.config import ModelConfig, TrainJobConfig
+from skipjack.models.llama import Llama, Stage, VocabShards, block_parameters
+from skipjack.parallel.dims import ParallelDims
+from skipjack.parallel.pipeline.comm import P2P
+from skipjack.parallel.pipeline.partition import (
+    even_partition,
+    explicit_partition,
+    redistribute_partition,
+)
+from skipjack.parallel.pipeline.runtime import PipelineRuntime
+from skipjack.parallel.pipeline.schedule import build_schedule
+from skipjack.parallel.pipeline.simulate import CostModel
+from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
+from skipjack.parallel.tensor import TensorParallel
+
+# one extra warm-up forward per barrier of the vocabulary algorithm (see vocab.py)
+EXTRA_WARMUP = {"none": 0, "alg1": 2, "alg2": 1}
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA; CPU runs in fp32 (CPU bf16 matmuls are slower, not faster)."""
+    if device.type == "cuda" and dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def layer_flops(m: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one block: its matmuls and attention."""
+    return 2 * block_parameters(m) + 4 * seq_len * m.dim
+
+
+def stage_layers(job: TrainJobConfig, num_stages: int) -> list[range]:
+    """The blocks of every stage: explicit counts, Megatron's redistribute, or even."""
+    p, m = job.parallel, job.model
+    if p.layers_per_stage:
+        return explicit_partition(list(p.layers_per_stage), m.n_layers, num_stages)
+    if p.partition == "redistribute":
+        output = 2 * m.dim * m.vocab_size
+        return redistribute_partition(
+            m.n_layers, num_stages, layer_flops(m, job.train.seq_len), 0.0, output
+        )
+    return even_partition(m.n_layers, num_stages)
+
+
+def pipeline_cost_model(
+    m: ModelConfig, seq_len: int, layers: list[range], vocab_parallel: str = "none", shards: int = 1
+) -> CostModel:
+    """Relative costs in forward FLOPs per token (backward = 2 x forward): every stage's blocks;
+    without vocabulary parallelism the first stage also pays the embedding lookup and the last
+    the output layer and loss; with it each of the `shards` ranks pays its share as vocabulary
+    passes (S: logits, plus the input-gradient piece under alg2; R: that piece under alg1;
+    T: the weight gradient; E and G: lookups)."""
+    forward = [len(r) * layer_flops(m, seq_len) for r in layers]
+    output = 2 * m.dim * m.vocab_size
+    if vocab_parallel == "none":
+        forward[0] += m.dim
+        forward[-1] += output
+        return CostModel(forward, [2 * f for f in forward])
+    shard, lookup = output / shards, m.dim / shards
+    return CostModel(
+        forward,
+        [2 * f for f in forward],
+        vocab={
+            "E": lookup,
+            "S": shard * (2 if vocab_parallel == "alg2" else 1),
+            "R": shard if vocab_parallel == "alg1" else lookup,
+            "T": shard,
+            "G": lookup,
+        },
+    )
+
+
+def build_pipeline(
+    job: TrainJobConfig,
+    dims: ParallelDims,
+    tp: TensorParallel,
+    accumulation: int,
+    device: torch.device,
+) -> PipelineRuntime:
+    """This rank's model chunks (one per stage it owns) and the runtime that runs the schedule.
+
+    Without pipeline parallelism it is one chunk holding the whole model and a one-stage 1F1B
+    (forward and backward of each micro-batch in turn): one code path for every layout.
+    """
+    p, m = job.parallel, job.model
+    vocab_parallel = p.vocab_parallel != "none"
+    schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp, EXTRA_WARMUP[p.vocab_parallel])
+    layers = stage_layers(job, schedule.num_stages)
+    last = schedule.num_stages - 1
+    chunks = []
+    for chunk in range(p.vpp):
+        stage = schedule.stage(dims.pp_rank, chunk)
+        model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp, vocab_parallel)
+        chunks.append(model.init_weights(job.train.seed, device))
+    vocab = None
+    if vocab_parallel:
+        index, size = dims.pp_rank * dims.tp + dims.tp_rank, dims.pp * dims.tp
+        shards = VocabShards(m, index, size).init_weights(job.train.seed, device)
+        cost = pipeline_cost_model(m, job.train.seq_len, layers, p.vocab_parallel, size)
+        schedule = insert_vocab_passes(schedule, cost)
+        vocab = VocabParallel(
+            shards,
+            dims.group("vocab"),
+            tp,
+            dims.pp_rank,
+            schedule.owner(0)[0],
+            schedule.owner(last)[0],
+            (job.train.micro_batch_size, job.train.seq_len, m.dim),
+            p.vocab_parallel,
+        )
+    return PipelineRuntime(
+        schedule,
+        chunks,
+        dims.pp_rank,
+        P2P(dims.group("pp"), schedule.num_stages, device),
+        device,
+        lambda: autocast_for(device, job.train.dtype),
+        vocab,
+    )
