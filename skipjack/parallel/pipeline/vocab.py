@@ -240,7 +240,8 @@ class VocabParallel:
 
     def output(self, mb: int, labels: torch.Tensor) -> None:
         """S: receive the last stage's output, compute this rank's logits and their softmax
-        statistics (and for alg2 the input-gradient pieces), start gathering the statistics."""
+        statistics (and for alg2 the input-gradient pieces), start gathering the statistics.
+        One logits-sized buffer is kept per microbatch until T, overwritten in place."""
         weight = self.shards.output_weight().detach()
         hidden = self.hidden.pop(mb) if self.last_stage else None
         x = self._from_stage(hidden, self._last_src, weight.device)
@@ -250,49 +251,60 @@ class VocabParallel:
             logits[..., max(valid, 0) :] = float("-inf")
         # an all-padding shard has max -inf: clamp so that exp(-inf - max) = 0, not nan
         local_max = logits.max(dim=-1).values.clamp_min(torch.finfo(logits.dtype).min)
-        exp = (logits - local_max.unsqueeze(-1)).exp()
-        local_sum = exp.sum(dim=-1)
         idx, mine, ignored = self._target(labels.to(weight.device))
         target_logit = torch.where(mine, logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1), 0.0)
+        probs = logits.sub_(local_max.unsqueeze(-1)).exp_()  # exp(logits - local max)
+        local_sum = probs.sum(dim=-1)
         stats = torch.stack([local_max, local_sum, target_logit])
         gathered = torch.empty((self.size * 3, *stats.shape[1:]), device=stats.device)
         work = dist.all_gather_single(gathered, stats, group=self.group, async_op=True)
         gathered = gathered.view(self.size, *stats.shape)  # (shard, statistic, batch, sequence)
         pieces = None
-        if torch.is_grad_enabled() and self.algorithm == "alg2":  # no wait for the statistics
-            local_softmax = exp / local_sum.clamp_min(1e-30).unsqueeze(-1)
-            pieces = (
-                local_softmax,
-                local_softmax @ weight.float(),
-                F.embedding(idx, weight.float()) * mine.unsqueeze(-1),
-            )
-        self._stats[mb] = (x, exp, local_max, idx, mine, ignored, gathered, work, pieces)
+        if not torch.is_grad_enabled():
+            probs = None
+        elif self.algorithm == "alg2":  # before the statistics arrive: the local softmax
+            probs.div_(local_sum.clamp_min(1e-30).unsqueeze(-1))
+            weight = weight.float()
+            pieces = (probs @ weight, F.embedding(idx, weight) * mine.unsqueeze(-1))
+        self._stats[mb] = (
+            x,
+            probs,
+            local_max,
+            local_sum,
+            idx,
+            mine,
+            ignored,
+            gathered,
+            work,
+            pieces,
+        )
 
     def reduce(self, mb: int, scale) -> torch.Tensor:
         """R: combine the statistics into the microbatch's summed cross-entropy divided by
         `scale` (the same on every rank); with autograd on, also this rank's input-gradient
         piece, summed asynchronously for the last stage, and what T needs."""
-        x, exp, local_max, idx, mine, ignored, gathered, work, pieces = self._stats.pop(mb)
+        x, probs, local_max, local_sum, idx, mine, ignored, gathered, work, pieces = (
+            self._stats.pop(mb)
+        )
         work.wait()
         global_max = gathered[:, 0].max(dim=0).values
         total = (gathered[:, 1] * (gathered[:, 0] - global_max).exp()).sum(dim=0)
         loss = (total.log() + global_max - gathered[:, 2].sum(dim=0)).masked_fill(ignored, 0.0)
         loss = loss.sum() / scale
-        if not torch.is_grad_enabled():
+        if probs is None:
             return loss
         token_grad = (~ignored).float() / scale  # d loss / d (token loss)
-        # this shard's softmax = its exp * (its factor); its share of the softmax mass per token
+        # this shard's softmax is exp(logits - local max) x factor
         factor = (local_max - global_max).exp() / total
-        weight = self.shards.output_weight().detach().float()
         if self.algorithm == "alg1":  # logit gradient and input-gradient piece after the barrier
-            grad_logits = _logit_grad(exp * factor.unsqueeze(-1), idx, mine, token_grad)
-            piece = grad_logits @ weight
+            grad_logits = _logit_grad_(probs.mul_(factor.unsqueeze(-1)), idx, mine, token_grad)
+            piece = grad_logits @ self.shards.output_weight().detach().float()
             self._saved[mb] = (x, grad_logits)
-        else:  # rescale the pieces computed before it, per token
-            local_softmax, softmax_piece, target_piece = pieces
-            share = factor * exp.sum(dim=-1)
+        else:  # rescale the pieces computed before it by the shard's share of the softmax mass
+            share = factor * local_sum
+            softmax_piece, target_piece = pieces
             piece = (share.unsqueeze(-1) * softmax_piece - target_piece) * token_grad.unsqueeze(-1)
-            self._saved[mb] = (x, local_softmax, share, idx, mine, token_grad)
+            self._saved[mb] = (x, probs, share, idx, mine, token_grad)
         work = dist.all_reduce(piece, group=self.group, async_op=True)
         if self.last_stage:
             self._output_grads[mb] = (piece, work)
@@ -313,7 +325,8 @@ class VocabParallel:
             (grad_logits,) = rest
         else:
             local_softmax, share, idx, mine, token_grad = rest
-            grad_logits = _logit_grad(local_softmax * share.unsqueeze(-1), idx, mine, token_grad)
+            softmax = local_softmax.mul_(share.unsqueeze(-1))
+            grad_logits = _logit_grad_(softmax, idx, mine, token_grad)
         weight = self.shards.output_weight()
         grad = (grad_logits.flatten(0, 1).t() @ x.flatten(0, 1)).to(weight.dtype)
         if weight.grad is None:
@@ -328,7 +341,8 @@ class VocabParallel:
         self._pending.clear()
 
 
-def _logit_grad(softmax, idx, mine, token_grad) -> torch.Tensor:
-    """d loss / d logits of one shard: (softmax - one-hot of the target) x d loss / d token."""
-    grad = softmax.scatter_add(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(softmax.dtype))
-    return grad * token_grad.unsqueeze(-1)
+def _logit_grad_(softmax, idx, mine, token_grad) -> torch.Tensor:
+    """d loss / d logits of one shard, in place of `softmax`: (softmax - one-hot of the target)
+    x d loss / d token."""
+    softmax.scatter_add_(-1, idx.unsqueeze(-1), -mine.unsqueeze(-1).to(softmax.dtype))
+    return softmax.mul_(token_grad.unsqueeze(-1))
