@@ -1,6 +1,6 @@
 """Vocabulary parallelism side by side: baseline, redistribute, alg1 and alg2 pipelines.
 
-    python bench/vocab_parallel.py [--vocab 65536 131072] [--pp 2 4] [--steps 2] [--json out.json]
+    python bench/vocab_parallel.py [--vocab 65536 131072] [--pp 2 4] [--steps 4] [--json out.json]
 
 CPU part: a model with a vocabulary large against its hidden size (dim 256, 8 layers, vocab
 64k and 128k), sequences of 128 tokens, 8 microbatches of one sequence per step, 1F1B, fp32.
@@ -10,7 +10,7 @@ For every pipeline degree, vocabulary size and method, in this one run:
   backward, plus the embedding and the output layer with its loss on the first and last stage,
   or its vocabulary passes), timed alone in this process; the max over min of the ranks;
 - per-stage parameter memory: the max over min of the ranks' parameter bytes;
-- iteration time: real training steps on pp gloo processes (mean after one warm-up step);
+- iteration time: real training steps on pp gloo processes (median after one warm-up step);
 - peak activation memory: per rank, the most bytes held for backward between two actions
   (tensors autograd saved, parameters excluded, plus the state the vocabulary passes keep);
   the max over ranks.
@@ -217,7 +217,7 @@ def run_steps(job: TrainJobConfig, steps: int) -> dict:
             forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
         optimizer_step(training.model, training.optimizer, training.schedule, 1.0, dims.groups)
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.mean(times[1:]), "peak_activation_bytes": meter.peak}
+    return {"seconds": statistics.median(times[1:]), "peak_activation_bytes": meter.peak}
 
 
 # -- the paper's setting, simulated ----------------------------------------------------------
@@ -243,7 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[65536, 131072])
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--paper-microbatches", type=int, default=128)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

@@ -9,6 +9,7 @@ from __future__ import annotations  # the schema's Optional[...] stays: OmegaCon
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
@@ -101,9 +102,14 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Persistent checkpoints arrive with the sharded-checkpoint issue; `interval=0` is off."""
+    """Sharded persistent checkpoints (docs/checkpoints.md). `interval`: steps between saves,
+    0 for none. `resume`: auto (the newest complete checkpoint in `dir`, if any), none, or the
+    path of a run directory or of one step-* directory."""
 
     interval: int = 0
+    dir: str = "${train.output_dir}/checkpoints"
+    keep_last: int = 3
+    resume: str = "auto"
 
 
 @dataclass
@@ -317,10 +323,14 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
         raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
 
     validate_data(cfg.data)
-    if cfg.checkpoint.interval:
+    c = cfg.checkpoint
+    if c.interval < 0:
+        raise ConfigError("checkpoint.interval", f"must be >= 0 (0: no saves), got {c.interval}")
+    _positive("checkpoint.keep_last", c.keep_last)
+    if c.resume not in ("auto", "none") and not Path(c.resume).expanduser().exists():
         raise ConfigError(
-            "checkpoint.interval",
-            "persistent checkpoints are not available yet (sharded-checkpoint issue); set 0",
+            "checkpoint.resume",
+            f"{c.resume} does not exist; give a run directory, a step-* directory, auto or none",
         )
     lg = cfg.logging
     _positive("logging.interval", lg.interval)

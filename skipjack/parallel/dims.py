@@ -76,13 +76,6 @@ class ParallelDims:
     def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
-    def vocab_ranks(self) -> list[list[int]]:
-        """The pp x tp ranks of each replica (the vocabulary-parallel groups)."""
-        return [
-            [self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)]
-            for d in range(self.dp)
-        ]
-
     def build_groups(self, device_type: str = "cpu") -> ParallelDims:
         """Build the device mesh (pp, dp, tp) and every process group (collective: every rank
         calls it). `checkpoint` is a gloo group over all ranks for checkpoint traffic."""
@@ -97,15 +90,17 @@ class ParallelDims:
         )
         for kind in ("pp", "dp", "tp"):
             self.groups[kind] = self.mesh.get_group(kind)
-        for ranks in self.vocab_ranks():
-            group = dist.new_group(ranks)
-            if self.rank in ranks:
-                self.groups["vocab"] = group
+        # the pp x tp ranks of each replica, pp-major: rank pp_rank x tp + tp_rank in it
+        self.groups["vocab"] = self.mesh["pp", "tp"]._flatten("vocab").get_group()
         self.groups["checkpoint"] = dist.new_group(list(range(world)), backend="gloo")
         return self
 
     def group(self, kind: str) -> dist.ProcessGroup:
         return self.groups[kind]
+
+    def mesh_of(self, kind: str):
+        """The 1-D device mesh of group `kind` ("tp", "dp", "pp" or "vocab") on this rank."""
+        return self.mesh[kind]
 
     def tensor_parallel(self, sequence_parallel: bool = False) -> TensorParallel:
         return TensorParallel(self.groups["tp"], self.tp, self.tp_rank, sequence_parallel)

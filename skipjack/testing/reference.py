@@ -5,12 +5,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from skipjack.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig, TrainJobConfig
+from skipjack.checkpoint.manager import CheckpointManager
+from skipjack.config import (
+    CheckpointConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainJobConfig,
+)
 from skipjack.data.loader import ShardedLoader
 from skipjack.models.llama import parameter_shape
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
-from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
+from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step, train_step
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -118,3 +126,51 @@ def assert_same_history(reference: list[dict], other: list[dict], rtol: float = 
         for name, g in ref["grads"].items():
             err = float((got["grads"][name] - g).norm() / g.norm())
             assert err <= rtol, f"step {step} {name}: relative error {err:.2e}"
+
+
+def checkpointed_run(
+    model_cfg: ModelConfig,
+    steps: int,
+    checkpoint_dir: str,
+    interval: int = 0,
+    resume: str = "none",
+    tp: int = 1,
+    pp: int = 1,
+    vocab_parallel: str = "none",
+    global_batch_size: int = 8,
+    micro_batch_size: int = 2,
+    seq_len: int = 32,
+    until: int | None = None,
+) -> dict[int, float]:
+    """Train a run of `steps` steps (the LR schedule's length) up to step `until` (default: the
+    end) with the trainer's step function in the current process group (dp = world / (pp x tp)),
+    resuming first per `resume`, saving every `interval` steps; returns the loss of every step
+    run."""
+    dims = ParallelDims(dp=dist.get_world_size() // (tp * pp), pp=pp, tp=tp, rank=dist.get_rank())
+    dims.build_groups()
+    data = SyntheticSamples(steps * global_batch_size, seq_len, model_cfg.vocab_size)
+    loader = ShardedLoader(data, global_batch_size, micro_batch_size, dims.dp_rank, dims.dp)
+    device = torch.device("cpu")
+    job = TrainJobConfig(
+        model=model_cfg,
+        parallel=ParallelConfig(tp=tp, pp=pp, vocab_parallel=vocab_parallel, bucket_mb=0.05),
+        optim=OptimConfig(lr=1e-3, warmup_steps=2),
+        train=TrainConfig(
+            steps=steps, micro_batch_size=micro_batch_size, seq_len=seq_len, dtype="fp32"
+        ),
+        checkpoint=CheckpointConfig(
+            interval=interval, dir=checkpoint_dir, keep_last=10, resume=resume
+        ),
+    )
+    training = build_training(job, dims, loader.accumulation_steps, device)
+    checkpoints = CheckpointManager(job.checkpoint, dims, dist.get_rank() == 0)
+    restored = checkpoints.restore(training)
+    start = 0
+    if restored is not None:
+        start = int(restored["trainer"]["step"])
+        loader.load_state_dict(restored["loader"])
+    losses = {}
+    for step in range(start + 1, (until or steps) + 1):
+        losses[step] = train_step(training, loader, step, 1.0, dims, device, checkpoints)[0]
+    checkpoints.close()
+    return losses

@@ -68,6 +68,11 @@ class Metrics:
                 "train", total=total_steps, loss=float("nan"), tps=0.0
             )
 
+    def resume(self, tokens: int) -> None:
+        """Continue the totals of a resumed run."""
+        self.tokens_total = tokens
+        self.flops_total = tokens * self.flops_per_token
+
     def step(
         self,
         step: int,

@@ -22,8 +22,12 @@ from skipjack.parallel.pipeline.simulate import CostModel
 from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
 from skipjack.parallel.tensor import TensorParallel
 
-# one extra warm-up forward per barrier of the vocabulary algorithm (see vocab.py)
-EXTRA_WARMUP = {"none": 0, "alg1": 2, "alg2": 1}
+# Extra warm-up forwards under vocabulary parallelism: between the last stage's forward of a
+# microbatch and its backward, every other rank must reach an action boundary twice (to run S,
+# then R). The paper gives alg2 one (one barrier), but with whole stages as actions one forward
+# of slack leaves the last stage waiting: simulated MFU for the paper's 8-GPU setting drops 2-8%
+# at 32k-128k (bench/vocab_parallel.py), so both algorithms take two.
+EXTRA_WARMUP = {"none": 0, "alg1": 2, "alg2": 2}
 
 
 def autocast_for(device: torch.device, dtype: str):

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
+from skipjack.checkpoint.manager import CheckpointManager
+from skipjack.config import ConfigError, ModelConfig, TrainJobConfig, resolve_dp, validate
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
 from skipjack.models.llama import flops_per_token, num_parameters
@@ -48,6 +49,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     grad_sync: GradientSync
+    model_config: ModelConfig
 
 
 def build_training(
@@ -60,7 +62,7 @@ def build_training(
     optimizer = build_optimizer(model, job.optim, device)
     schedule = build_lr_schedule(optimizer, job.optim, job.train.steps)
     grad_sync = GradientSync(model.parameters(), dims.group("dp"), job.parallel.bucket_mb)
-    return Training(runtime, model, optimizer, schedule, grad_sync)
+    return Training(runtime, model, optimizer, schedule, grad_sync, job.model)
 
 
 def _sum_over_stages_and_replicas(
@@ -118,6 +120,32 @@ def optimizer_step(
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def train_step(
+    training: Training,
+    loader: ShardedLoader,
+    step: int,
+    grad_clip: float,
+    dims: ParallelDims,
+    device: torch.device,
+    checkpoints: CheckpointManager | None = None,
+) -> tuple[float, float, float]:
+    """One optimizer step on the loader's next global batch, then a checkpoint if one is due;
+    returns (loss, lr, grad norm). Parameters change only after the save in flight has its copy."""
+    micro = loader.next()
+    loss = forward_backward(training.runtime, micro, training.grad_sync, dims.groups, device)
+    lr = training.optimizer.param_groups[0]["lr"]
+    if checkpoints is not None:
+        checkpoints.before_update()
+    grad_norm = optimizer_step(
+        training.model, training.optimizer, training.schedule, grad_clip, dims.groups
+    )
+    if checkpoints is not None and checkpoints.due(step):
+        tokens = loader.consumed_samples * int(micro[0][0].shape[1])
+        trainer_state = {"step": step, "tokens": tokens}
+        checkpoints.save(step, training, trainer_state, loader.state_dict())
+    return loss, lr, grad_norm
 
 
 def _broadcast_run_dir(cfg: TrainJobConfig) -> Path:
@@ -186,7 +214,7 @@ def train(cfg: DictConfig) -> dict:
 
     torch.manual_seed(t.seed)
     training = build_training(job, dims, loader.accumulation_steps, device)
-    runtime, optimizer = training.runtime, training.optimizer
+    runtime = training.runtime
 
     wandb_run = (
         _wandb_run(job, run_dir, OmegaConf.to_container(cfg, resolve=True)) if lead else None
@@ -209,17 +237,24 @@ def train(cfg: DictConfig) -> dict:
             f"accumulation {loader.accumulation_steps}; run dir {run_dir}"
         )
 
+    checkpoints = CheckpointManager(job.checkpoint, dims, lead)
+    restored = checkpoints.restore(training)
+    start = 0
+    if restored is not None:
+        start = int(restored["trainer"]["step"])
+        loader.load_state_dict(restored["loader"])
+        metrics.resume(int(restored["trainer"]["tokens"]))
+        if lead:
+            print(f"skipjack: resumed from {checkpoints.restored_from} (step {start})")
     val_losses = []
-    if val_batches:
+    if val_batches and restored is None:
         val_losses.append(evaluate(runtime, val_batches, groups, device))
         metrics.step(0, 0, 0.0, val_loss=val_losses[-1])
     step_tokens = t.global_batch_size * t.seq_len
-    for step in range(1, t.steps + 1):
+    for step in range(start + 1, t.steps + 1):
         started = time.perf_counter()
-        loss = forward_backward(runtime, loader.next(), training.grad_sync, groups, device)
-        lr = optimizer.param_groups[0]["lr"]
-        grad_norm = optimizer_step(
-            training.model, optimizer, training.schedule, job.optim.grad_clip, groups
+        loss, lr, grad_norm = train_step(
+            training, loader, step, job.optim.grad_clip, dims, device, checkpoints
         )
         seconds = time.perf_counter() - started
         val_loss = None
@@ -236,6 +271,7 @@ def train(cfg: DictConfig) -> dict:
             val_loss,
             log=step % job.logging.interval == 0 or step == t.steps,
         )
+    checkpoints.close()
     metrics.close()
 
     summary = {

@@ -1,0 +1,171 @@
+"""The persistent tier: a torch.distributed.checkpoint (DCP) state for any layout.
+
+A checkpoint's state dict, by key:
+
+- `model/<name>`: every parameter under its global name (`layers.3.attention.wq.weight`, the same
+  in every layout). A sharded parameter is a DTensor over the 1-D device mesh of its shard spec's
+  group (`tp`, or `vocab` = the pp x tp ranks of a replica) with the model's true global shape
+  (vocabulary padding cut off), so each rank writes only its own rows, described by their global
+  offsets, and a rank of any other layout reads exactly the rows it holds. Replicated tensors are
+  written once.
+- `optim/<name>/<key>`: the optimizer state of that parameter, sharded like the parameter when it
+  has the parameter's shape, replicated otherwise (Adam's step count).
+- `lr_schedule`, `trainer` (step, tokens), `loader` (samples consumed, global), `rng`: plain values.
+
+Saving wraps the live tensors (no copy); DCP's stager copies them before anything is written, and
+the caller must not change them until that copy is done (`Saving.wait_staged`). Loading builds the
+same dict around the new layout's tensors and DCP fills them in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.tensor import DTensor, Shard
+
+from skipjack.models.llama import parameter_shape
+from skipjack.parallel.dims import ParallelDims
+from skipjack.parallel.shard_spec import ShardSpec, spec_of
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: names the file or parameter and what to do."""
+
+
+def _global(local: torch.Tensor, spec: ShardSpec, shape: tuple[int, ...], dims: ParallelDims):
+    """`local` (this rank's shard, padding included) as a view of the global tensor `shape`."""
+    if not spec.sharded:
+        return local
+    # torch.chunk layout: ceil(n / shards) rows each, the last shard short: exactly the padded
+    # split, with padding rows (beyond `shape`) dropped
+    start = spec.offsets[spec.dim]
+    rows = max(0, min(local.shape[spec.dim], shape[spec.dim] - start))
+    real = local.narrow(spec.dim, 0, rows)
+    stride = torch.empty(shape, device="meta").stride()
+    mesh = dims.mesh_of(spec.group)
+    return DTensor.from_local(real, mesh, [Shard(spec.dim)], shape=torch.Size(shape), stride=stride)
+
+
+def _parameters(training) -> list[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) of every module this rank trains (stage chunks, vocab shards)."""
+    return [(name, p) for module in training.model for name, p in module.named_parameters()]
+
+
+def model_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
+    cfg = training.model_config
+    return {
+        f"model/{name}": _global(p.detach(), spec_of(p), parameter_shape(cfg, name), dims)
+        for name, p in _parameters(training)
+    }
+
+
+def _optimizer_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
+    cfg, state = training.model_config, {}
+    for name, p in _parameters(training):
+        for key, value in training.optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value = _global(value, spec_of(p), parameter_shape(cfg, name), dims)
+            state[f"optim/{name}/{key}"] = value
+    return state
+
+
+def materialise_optimizer_state(training) -> None:
+    """Give every parameter its optimizer state (a step with zero gradients and zero learning
+    rate, which changes no weight), so that a load has tensors to fill in place."""
+    optimizer = training.optimizer
+    if all(p in optimizer.state for _, p in _parameters(training)):
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for _, p in _parameters(training):
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def full_state(training, dims: ParallelDims, trainer: dict, loader: dict) -> dict:
+    """Everything a checkpoint holds, as views of this rank's live tensors."""
+    state = {**model_state(training, dims), **_optimizer_state(training, dims)}
+    state["lr_schedule"] = training.schedule.state_dict()
+    state["trainer"] = dict(trainer)
+    state["loader"] = dict(loader)
+    state["rng"] = torch.get_rng_state()
+    return state
+
+
+@dataclass
+class Saving:
+    """A save in flight: `staged` once DCP holds its own copy, `written` once on disk."""
+
+    staged: object
+    written: object
+
+    def wait_staged(self) -> None:
+        self.staged.result()
+
+
+def save_async(state: dict, directory: str, group: dist.ProcessGroup) -> Saving:
+    """Start writing `state` into `directory` (a collective over `group`). Staging (the copy of
+    the tensors) and writing both run in the background."""
+    stager = DefaultStager(StagingOptions(False, False, True, False))
+    response = dcp.async_save(
+        state, checkpoint_id=directory, process_group=group, async_stager=stager
+    )
+    return Saving(response.staging_completion, response.upload_completion)
+
+
+def save(state: dict, directory: str, group: dist.ProcessGroup) -> None:
+    dcp.save(state, checkpoint_id=directory, process_group=group)
+
+
+def check_model(directory: str, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise CheckpointError naming the first parameter whose shape differs between the
+    checkpoint and this run (or that one of them lacks)."""
+    metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    saved = {
+        key[len("model/") :]: tuple(md.size)
+        for key, md in metadata.items()
+        if key.startswith("model/") and isinstance(md, TensorStorageMetadata)
+    }
+    for name, shape in expected.items():
+        if name not in saved:
+            raise CheckpointError(
+                f"{directory}: has no parameter {name} (shape {shape} in this run); the "
+                "checkpoint was written by a different model config"
+            )
+        if saved[name] != shape:
+            raise CheckpointError(
+                f"{directory}: parameter {name} has shape {saved[name]} in the checkpoint but "
+                f"{shape} in this run; use the model config the checkpoint was written with"
+            )
+    extra = sorted(set(saved) - set(expected))
+    if extra and dist.get_world_size() == 1:  # with pp > 1 a rank holds only its stages
+        raise CheckpointError(
+            f"{directory}: parameter {extra[0]} is in the checkpoint but not in this run's "
+            "model; use the model config the checkpoint was written with"
+        )
+
+
+def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup) -> dict:
+    """Fill this rank's parameters, optimizer and LR schedule from `directory`; returns the
+    trainer, loader and rng values."""
+    cfg = training.model_config
+    check_model(directory, {n: parameter_shape(cfg, n) for n, _ in _parameters(training)})
+    materialise_optimizer_state(training)
+    state = full_state(training, dims, {"step": 0, "tokens": 0}, {"consumed_samples": 0})
+    dcp.load(state, checkpoint_id=directory, process_group=group)
+    training.schedule.load_state_dict(state["lr_schedule"])
+    for group, lr in zip(
+        training.optimizer.param_groups, training.schedule.get_last_lr(), strict=True
+    ):
+        group["lr"] = lr  # the schedule's state does not reach the optimizer until its next step
+    torch.set_rng_state(state["rng"])
+    return {"trainer": state["trainer"], "loader": state["loader"]}
