@@ -1,4 +1,4 @@
-"""`skipjack <command> [hydra overrides]`: train, preprocess.
+"""`skipjack <command> [hydra overrides]`: train, preprocess; and `skipjack convert`.
 
 Each command is a Hydra app over the config tree in skipjack/configs, so overrides, `--cfg job`,
 `--help` and `-m` sweeps work as Hydra users expect. Started under a launcher that set RANK
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from skipjack.config import ConfigError, register_configs
 
-COMMANDS = ("train", "preprocess")
+COMMANDS = ("train", "preprocess", "convert")
 USAGE = f"usage: skipjack {{{','.join(COMMANDS)}}} [hydra overrides] (skipjack COMMAND --help)"
 
 
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, overrides = argv[0], argv[1:]
+    if command == "convert":  # plain arguments, not a Hydra app
+        from skipjack.checkpoint.convert import main as convert
+
+        convert(overrides)
+        return
     if command == "train" and os.environ.get("RANK", "0") != "0":
         overrides += ["hydra.output_subdir=null", "hydra.run.dir=."]
     register_configs()

@@ -52,6 +52,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # start from these weights (a Hugging Face directory or a skipjack step-* directory); the
+    # architecture fields above are then taken from it
+    init_from: Optional[str] = None
 
 
 @dataclass

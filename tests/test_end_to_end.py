@@ -51,6 +51,29 @@ def test_shortened_default_job_through_the_cli(tmp_path):
         assert str(run_dir / name) in result.stdout
 
 
+def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
+    common = ["experiment=smoke", "logging.plot=false", "checkpoint=sharded"]
+    run([BIN / "skipjack", "train", *common, "checkpoint.interval=20", "hydra.run.dir=a"], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")) == [
+        "step-0000020",
+        "step-0000040",
+    ]
+    step20 = tmp_path / "a" / "checkpoints" / "step-0000020"
+    result = run(
+        [BIN / "skipjack", "train", *common, f"checkpoint.resume={step20}", "hydra.run.dir=b"],
+        tmp_path,
+    )
+    assert f"resumed from {step20} (step 20)" in result.stdout
+    straight = {r["step"]: r for r in records(tmp_path / "a") if "loss" in r}
+    resumed = {r["step"]: r for r in records(tmp_path / "b") if "loss" in r}
+    assert sorted(resumed) == list(range(21, 41))
+    assert all(resumed[s]["loss"] == straight[s]["loss"] for s in resumed)
+    assert resumed[40]["tokens"] == straight[40]["tokens"]
+    # the same run directory again: `auto` finds step 40, the last step, and has nothing to do
+    again = run([BIN / "skipjack", "train", *common, "hydra.run.dir=a"], tmp_path)
+    assert "resumed from" in again.stdout and "(step 40)" in again.stdout
+
+
 @pytest.mark.parametrize(
     "layout",
     [

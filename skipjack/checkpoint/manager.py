@@ -16,6 +16,7 @@ warning, an explicit path fails with an error naming the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from skipjack.checkpoint.sharded import CheckpointError, Saving, full_state, load, save_async
-from skipjack.config import CheckpointConfig
+from skipjack.config import CheckpointConfig, ModelConfig, RopeScalingConfig
 from skipjack.parallel.dims import ParallelDims
 
 MARKER = "checkpoint.json"
@@ -45,15 +46,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_marker(directory: Path, step: int, layout: dict) -> None:
+def write_marker(directory: Path, step: int, layout: dict, model: ModelConfig) -> None:
     files = {
         p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != MARKER
     }
+    info = {"step": step, "layout": layout, "model": dataclasses.asdict(model), "files": files}
     tmp = directory / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "layout": layout, "files": files}, indent=1))
+    tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, directory / MARKER)
+
+
+def marked_model(directory: Path) -> ModelConfig:
+    """The model config a checkpoint was written with (from its marker)."""
+    fields = json.loads((directory / MARKER).read_text())["model"]
+    if fields.get("rope_scaling"):
+        fields["rope_scaling"] = RopeScalingConfig(**fields["rope_scaling"])
+    return ModelConfig(**fields)
 
 
 def verify(directory: Path) -> int:
@@ -102,8 +112,9 @@ def _candidates(resume: str, root: Path) -> tuple[list[Path], bool]:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, dims: ParallelDims, lead: bool):
+    def __init__(self, cfg: CheckpointConfig, model: ModelConfig, dims: ParallelDims, lead: bool):
         self.cfg = cfg
+        self.model = model
         self.root = Path(cfg.dir).expanduser()
         self.dims = dims
         self.lead = lead
@@ -175,7 +186,7 @@ class CheckpointManager:
 
     def _finish(self, saving: Saving, directory: Path, step: int) -> None:
         saving.written.result()  # rank 0's save completes after every rank's files are written
-        write_marker(directory, step, self.layout)
+        write_marker(directory, step, self.layout, self.model)
         complete = complete_checkpoints(self.root)
         for old in complete[: max(0, len(complete) - self.cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)

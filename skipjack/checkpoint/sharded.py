@@ -19,6 +19,8 @@ same dict around the new layout's tensors and DCP fills them in place.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +161,12 @@ def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup)
     trainer, loader and rng values."""
     cfg = training.model_config
     check_model(directory, {n: parameter_shape(cfg, n) for n, _ in _parameters(training)})
+    metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    if not any(key.startswith("trainer") for key in metadata):
+        raise CheckpointError(
+            f"{directory}: holds weights only (an import); start from it with "
+            f"model.init_from={directory} instead of resuming"
+        )
     materialise_optimizer_state(training)
     state = full_state(training, dims, {"step": 0, "tokens": 0}, {"consumed_samples": 0})
     dcp.load(state, checkpoint_id=directory, process_group=group)
@@ -169,3 +177,62 @@ def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup)
         group["lr"] = lr  # the schedule's state does not reach the optimizer until its next step
     torch.set_rng_state(state["rng"])
     return {"trainer": state["trainer"], "loader": state["loader"]}
+
+
+def load_model(training, dims: ParallelDims, source: str, group: dist.ProcessGroup) -> None:
+    """Only the weights (no optimizer, schedule or position) from a Hugging Face directory or a
+    skipjack step directory: how post-training starts (`model.init_from`)."""
+    from skipjack.checkpoint import hf
+
+    cfg = training.model_config
+    params = _parameters(training)
+    expected = {name: parameter_shape(cfg, name) for name, _ in params}
+    if hf.is_hf_dir(source):
+        _, tensors = hf.read(source)
+        for name, shape in expected.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                got = tuple(tensors[name].shape) if name in tensors else "nothing"
+                raise CheckpointError(
+                    f"{source}: parameter {name} is {got}, this run needs {shape}"
+                )
+        with torch.no_grad():
+            for name, p in params:
+                if name == "output.weight" and name not in tensors:  # tied in the source
+                    name = "tok_embeddings.weight"
+                spec, full = spec_of(p), tensors[name]
+                padding = spec.global_shape[0] - full.shape[0]  # vocabulary rows
+                if padding:
+                    full = torch.nn.functional.pad(full, (0, 0, 0, padding))
+                p.copy_(spec.shard(full))
+        return
+    check_model(source, expected)
+    dcp.load(model_state(training, dims), checkpoint_id=source, process_group=group)
+
+
+def read_model(directory: str) -> dict[str, torch.Tensor]:
+    """Every parameter of a checkpoint, whole, in this process (no process group needed)."""
+    metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for key, md in metadata.items()
+        if key.startswith("model/") and isinstance(md, TensorStorageMetadata)
+    }
+    with _single_process():
+        dcp.load(state, checkpoint_id=directory, no_dist=True)
+    return {key[len("model/") :]: value for key, value in state.items()}
+
+
+def write_model(tensors: dict[str, torch.Tensor], directory: str) -> None:
+    """A weights-only checkpoint from whole tensors, in this process."""
+    with _single_process():
+        dcp.save(
+            {f"model/{n}": t for n, t in tensors.items()}, checkpoint_id=directory, no_dist=True
+        )
+
+
+@contextlib.contextmanager
+def _single_process():
+    """DCP warns that it runs without a process group, which is the point here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

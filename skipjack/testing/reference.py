@@ -163,7 +163,7 @@ def checkpointed_run(
         ),
     )
     training = build_training(job, dims, loader.accumulation_steps, device)
-    checkpoints = CheckpointManager(job.checkpoint, dims, dist.get_rank() == 0)
+    checkpoints = CheckpointManager(job.checkpoint, job.model, dims, dist.get_rank() == 0)
     restored = checkpoints.restore(training)
     start = 0
     if restored is not None:

@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
+from skipjack.checkpoint.sharded import load_model
 from skipjack.config import ConfigError, ModelConfig, TrainJobConfig, resolve_dp, validate
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
@@ -182,6 +184,8 @@ def train(cfg: DictConfig) -> dict:
     """Run a training job; returns a summary (run dir, first/last validation loss, outputs)."""
     job: TrainJobConfig = OmegaConf.to_object(cfg)
     t = job.train
+    if job.model.init_from:
+        job.model = init_model_config(job.model)
     validate(job, int(os.environ.get("WORLD_SIZE", "1")))
     device = device_for_rank(t.device)
     rank, world = init_distributed(device)
@@ -237,7 +241,7 @@ def train(cfg: DictConfig) -> dict:
             f"accumulation {loader.accumulation_steps}; run dir {run_dir}"
         )
 
-    checkpoints = CheckpointManager(job.checkpoint, dims, lead)
+    checkpoints = CheckpointManager(job.checkpoint, job.model, dims, lead)
     restored = checkpoints.restore(training)
     start = 0
     if restored is not None:
@@ -246,6 +250,10 @@ def train(cfg: DictConfig) -> dict:
         metrics.resume(int(restored["trainer"]["tokens"]))
         if lead:
             print(f"skipjack: resumed from {checkpoints.restored_from} (step {start})")
+    elif job.model.init_from:
+        load_model(training, dims, job.model.init_from, dims.group("checkpoint"))
+        if lead:
+            print(f"skipjack: weights from {job.model.init_from}")
     val_losses = []
     if val_batches and restored is None:
         val_losses.append(evaluate(runtime, val_batches, groups, device))
@@ -280,7 +288,7 @@ def train(cfg: DictConfig) -> dict:
         "config": str(run_dir / "config.yaml"),
         "metrics": str(run_dir / "metrics.jsonl"),
     }
-    if lead and job.logging.plot:
+    if lead and job.logging.plot and metrics.history:
         summary["plot"] = str(metrics.plot(run_dir / "loss.png", f"skipjack {job.model.name}"))
     if lead:
         print(

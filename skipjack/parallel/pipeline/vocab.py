@@ -4,24 +4,25 @@ Parallelism", MLSys 2025).
 The input embedding and the output layer with its softmax cross-entropy are split along the
 vocabulary over the `vocab` group: all pipeline x tensor ranks of a replica, so every pipeline
 rank holds an equal share (`models.llama.VocabShards`) and the first and last stages hold
-transformer layers only. Four passes per microbatch run on every rank of the group:
+transformer layers only. Five passes per microbatch run on every rank of the group:
 
 - E: look up the tokens of this rank's rows; the partial embeddings are summed over the group
-  (an all-reduce the first stage waits for when it needs the result).
-- S: the last stage's final hidden state X is shared with every rank; each computes its logit
-  shard, its softmax statistics and its piece of the input gradient; the statistics are combined
-  (online softmax: per token, the max and rescaled sum of every shard, plus the target logit from
-  the shard holding it) and the input-gradient pieces are summed for the last stage.
+  asynchronously (the first stage waits for the sum when its forward needs it).
+- S: receive the last stage's final hidden state X (a broadcast), compute this rank's logits and
+  their softmax statistics (max, sum of exponentials, target logit), start gathering those.
+- R: combine the statistics online-softmax style (the max of the maxima, the sums rescaled to
+  it): the loss, and this rank's piece of the gradient of X, summed asynchronously for the last
+  stage, whose backward waits for it.
 - T: the output weight gradient of this rank's rows (no communication, off the critical path).
-- G: the first stage's gradient of the embeddings is shared; each rank accumulates its rows'.
+- G: the first stage broadcasts the gradient of its input; each rank accumulates its rows'.
 
-The output layer comes in the paper's two algorithms. `alg1` (two barriers): the statistics are
-combined first, then every rank computes softmax, logit gradient and input-gradient piece and the
-pieces are summed. `alg2` (one barrier, the default): the input-gradient piece is computed in the
-S pass from the *local* softmax before any communication, and once the statistics are combined it
-is rescaled per token by the shard's share of the global softmax mass, so no matmul waits for a
-collective. On gloo the collectives block their caller; the input-gradient and embedding sums are
-issued asynchronously and only the rank that needs them waits.
+The output layer comes in the paper's two algorithms. `alg1` (two barriers): R combines the
+statistics, then computes the softmax, the logit gradient and the input-gradient piece (a matmul
+after the barrier) before the pieces are summed. `alg2` (one barrier, the default): S computes the
+input-gradient piece from the *local* softmax while the statistics are being gathered, and R only
+rescales it per token by the shard's share of the global softmax mass, so no matmul waits for a
+collective. Collectives use the dedicated `vocab` group and are asynchronous; only the rank that
+needs a result waits for it.
 
 `insert_vocab_passes` places the passes into any schedule (GPipe, 1F1B, interleaved) so that every
 rank runs the collectives in one order and no rank waits for another that waits for it; the

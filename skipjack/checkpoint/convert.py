@@ -1,0 +1,80 @@
+"""Weights between Hugging Face and skipjack, and the `skipjack convert` command.
+
+    skipjack convert import <hf dir> <step dir>   # a weights-only skipjack checkpoint
+    skipjack convert export <step dir> <hf dir>   # loadable by transformers
+
+A skipjack checkpoint is independent of the layout that wrote it, so one import serves every
+layout: `model.init_from=<step dir>` (or directly `model.init_from=<hf dir>`) starts a run with
+those weights in whatever dp/pp/tp the run uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from skipjack.checkpoint import hf
+from skipjack.checkpoint.manager import marked_model, verify, write_marker
+from skipjack.checkpoint.sharded import CheckpointError, read_model, write_model
+from skipjack.config import ConfigError, ModelConfig
+
+_TRAINING_FIELDS = ("name", "init_std", "activation_checkpointing", "init_from")
+
+
+def init_model_config(base: ModelConfig) -> ModelConfig:
+    """The run's model config with the architecture of `base.init_from` (a Hugging Face or a
+    skipjack checkpoint directory)."""
+    source = Path(base.init_from).expanduser()
+    if hf.is_hf_dir(source):
+        return hf.model_config(source, base)
+    try:
+        verify(source)
+    except CheckpointError as e:
+        raise ConfigError(
+            "model.init_from", f"{e}; give a Hugging Face or a step-* directory"
+        ) from e
+    saved = marked_model(source)
+    keep = {f: getattr(base, f) for f in _TRAINING_FIELDS}
+    return dataclasses.replace(saved, **keep)
+
+
+def import_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    cfg, tensors = hf.read(source)
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model(tensors, str(tmp))
+    write_marker(tmp, 0, {"dp": 1, "pp": 1, "tp": 1}, cfg)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def export_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    source = Path(source)
+    verify(source)
+    cfg = marked_model(source)
+    hf.write(cfg, read_model(str(source)), target)
+    return Path(target)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="skipjack convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("direction", choices=("import", "export"))
+    parser.add_argument("source")
+    parser.add_argument("target")
+    args = parser.parse_args(argv)
+    try:
+        if args.direction == "import":
+            out = import_hf(args.source, args.target)
+        else:
+            out = export_hf(args.source, args.target)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"skipjack convert: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"skipjack convert: wrote {out}")
