@@ -41,7 +41,7 @@ from skipjack.parallel.pipeline.simulate import simulate
 from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
 from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entropy
 from skipjack.testing import run_ranks
-from skipjack.testing.reference import SyntheticSamples
+from skipjack.testing.reference import SyntheticSamples, tiny_config
 from skipjack.trainer.pipeline import EXTRA_WARMUP, pipeline_cost_model, stage_layers
 from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
 
@@ -58,16 +58,10 @@ PAPER_MFU = {
 
 
 def model(vocab: int, dim: int = 256, layers: int = 8, heads: int = 8, ffn: int = 768, seq=512):
-    return ModelConfig(
-        name=f"bench-{vocab}",
-        dim=dim,
-        n_layers=layers,
-        n_heads=heads,
-        n_kv_heads=heads,
-        ffn_dim=ffn,
-        vocab_size=vocab,
-        max_seq_len=seq,
-    )
+    return tiny_config(
+        name=f"bench-{vocab}", dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=heads,
+        ffn_dim=ffn, vocab_size=vocab, max_seq_len=seq,
+    )  # fmt: skip
 
 
 def job_for(cfg: ModelConfig, method: str, pp: int, seq_len: int = SEQ_LEN) -> TrainJobConfig:
