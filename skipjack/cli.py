@@ -1,20 +1,21 @@
 """`skipjack <command> [hydra overrides]`: train, preprocess; and `skipjack convert`.
 
 Each command is a Hydra app over the config tree in skipjack/configs, so overrides, `--cfg job`,
-`--help` and `-m` sweeps work as Hydra users expect. Started under a launcher that set RANK
-(torchrun, srun, Ray), only rank 0 lets Hydra write its run directory; the trainer hands rank 0's
+`--help` and `-m` sweeps work as Hydra users expect. Started under a launcher (torchrun, srun,
+Ray; see launch/env.py), only rank 0 lets Hydra write its run directory; the trainer hands rank 0's
 directory to every rank.
 """
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from skipjack.config import ConfigError, register_configs
+from skipjack.launch.env import discover
 
 COMMANDS = ("train", "preprocess", "convert")
 USAGE = f"usage: skipjack {{{','.join(COMMANDS)}}} [hydra overrides] (skipjack COMMAND --help)"
@@ -27,12 +28,30 @@ def _fail(error: ConfigError) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def train_app(cfg: DictConfig) -> None:
-    from skipjack.trainer.trainer import train
-
     try:
-        train(cfg)
+        if cfg.launch.name == "local" or discover().launcher != "single":
+            from skipjack.trainer.trainer import train
+
+            train(cfg)
+        else:
+            sys.exit(_launch(cfg))
     except ConfigError as e:
         _fail(e)
+
+
+def _launch(cfg: DictConfig) -> int:
+    """Start the job through `launch.name`, after checking the config for the world it gets."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from skipjack.config import validate
+    from skipjack.launch import torchrun
+
+    job = OmegaConf.to_object(cfg)
+    validate(job, job.launch.nodes * job.launch.nproc_per_node)
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    return torchrun.run(job.launch, run_dir, list(hydra.overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="preprocess")
@@ -58,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
         convert(overrides)
         return
-    if command == "train" and os.environ.get("RANK", "0") != "0":
+    if command == "train" and discover().rank != 0:
         overrides += ["hydra.output_subdir=null", "hydra.run.dir=."]
     register_configs()
     sys.argv = [f"skipjack {command}", *overrides]

@@ -127,9 +127,14 @@ class LoggingConfig:
 
 @dataclass
 class LaunchConfig:
-    """How the job is started. `local`: in this process (or under a launcher that set ranks)."""
+    """How the job is started (docs/launch.md). `local`: in this process, or as one rank of a
+    launcher that set the ranks (torchrun, srun, Ray). `torchrun`: start torchrun for the user."""
 
     name: str = "local"
+    nproc_per_node: int = 1
+    nodes: int = 1
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (multi-node)
+    max_restarts: int = 0
 
 
 @dataclass
@@ -220,6 +225,7 @@ def validate_tensor_parallel(m: ModelConfig, tp: int) -> None:
 _SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 _PARTITIONS = ("even", "redistribute")
 _VOCAB_PARALLEL = ("none", "alg1", "alg2")
+_LAUNCHERS = ("local", "torchrun")
 
 
 def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:
@@ -341,9 +347,17 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
         raise ConfigError(
             "logging.wandb_mode", f"unknown mode {lg.wandb_mode!r}; use one of {_WANDB_MODES}"
         )
-    if cfg.launch.name != "local":
+    la = cfg.launch
+    if la.name not in _LAUNCHERS:
+        raise ConfigError("launch.name", f"unknown launcher {la.name!r}; use one of {_LAUNCHERS}")
+    _positive("launch.nproc_per_node", la.nproc_per_node)
+    _positive("launch.nodes", la.nodes)
+    if la.max_restarts < 0:
+        raise ConfigError("launch.max_restarts", f"must be >= 0, got {la.max_restarts}")
+    if la.name == "torchrun" and la.nodes > 1 and ":" not in la.rdzv_endpoint:
         raise ConfigError(
-            "launch.name", f"unknown launcher {cfg.launch.name!r}; use 'local' (or torchrun it)"
+            "launch.rdzv_endpoint",
+            "multi-node torchrun needs the rendezvous host:port (the same on every node)",
         )
 
 

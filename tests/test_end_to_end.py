@@ -83,7 +83,7 @@ def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
         ["parallel.pp=2", "parallel.vocab_parallel=alg2"],
     ],
 )
-def test_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
+def test_launch_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     docs = [f"def f{i}(a, b):\n    return a * {i} + b  # doc {i}\n" * 20 for i in range(300)]
     (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
     run(
@@ -96,14 +96,12 @@ def test_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
         ],
         tmp_path,
     )
-    run(
+    result = run(
         [
-            BIN / "torchrun",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "skipjack.cli",
+            BIN / "skipjack",
             "train",
+            "launch=torchrun",
+            "launch.nproc_per_node=2",
             *layout,
             "data=indexed",
             "data.paths=[data/corpus]",
@@ -123,3 +121,7 @@ def test_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     assert len(val) == 3 and val[-1] < val[0]
     assert (tmp_path / "run" / "config.yaml").exists()
     assert not (tmp_path / "run" / "config.yaml").read_text().count("${")
+    # rank 0 on the console, every rank's output in the run directory
+    assert "[default0]:skipjack: done." in result.stdout and "[default1]" not in result.stdout
+    logs = sorted(p.parent.name for p in (tmp_path / "run" / "logs").rglob("stdout.log"))
+    assert logs == ["0", "1"]

@@ -15,25 +15,28 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from skipjack.launch.env import backend, discover
 from skipjack.parallel.tensor import TensorParallel
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[int, int]:
-    """Join the default process group from the launcher's environment; (rank, world size).
+    """Join the default process group as the launcher that started this process says
+    (launch/env.py: torchrun, SLURM's srun, Ray Train); (rank, world size).
 
     A process started without a launcher is a world of one (an in-memory store, no port), so
     the rest of skipjack has a single code path.
     """
-    if dist.is_initialized():
+    info = discover()
+    if info.launcher == "ray":  # Ray Train initialised the group already
         return dist.get_rank(), dist.get_world_size()
-    backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    if "RANK" not in os.environ:
+    if info.launcher == "single":
         dist.init_process_group(
-            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            backend(device.type), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
     else:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        os.environ.update(info.env())  # srun sets SLURM_* only; env:// reads these
+        dist.init_process_group(backend(device.type), timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -43,7 +46,7 @@ def device_for_rank(kind: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = discover().local_rank
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 

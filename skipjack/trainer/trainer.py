@@ -24,6 +24,7 @@ from skipjack.checkpoint.sharded import load_model
 from skipjack.config import ConfigError, ModelConfig, TrainJobConfig, resolve_dp, validate
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
+from skipjack.launch.env import discover
 from skipjack.models.llama import flops_per_token, num_parameters
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
@@ -186,7 +187,7 @@ def train(cfg: DictConfig) -> dict:
     t = job.train
     if job.model.init_from:
         job.model = init_model_config(job.model)
-    validate(job, int(os.environ.get("WORLD_SIZE", "1")))
+    validate(job, discover().world_size)
     device = device_for_rank(t.device)
     rank, world = init_distributed(device)
     dims = ParallelDims(
