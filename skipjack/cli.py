@@ -45,13 +45,14 @@ def _launch(cfg: DictConfig) -> int:
     from omegaconf import OmegaConf
 
     from skipjack.config import validate
-    from skipjack.launch import torchrun
+    from skipjack.launch import slurm, torchrun
 
     job = OmegaConf.to_object(cfg)
     validate(job, job.launch.nodes * job.launch.nproc_per_node)
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
-    return torchrun.run(job.launch, run_dir, list(hydra.overrides.task))
+    launcher = {"torchrun": torchrun, "slurm": slurm}[job.launch.name]
+    return launcher.run(job.launch, run_dir, list(hydra.overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="preprocess")

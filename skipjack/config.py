@@ -128,13 +128,22 @@ class LoggingConfig:
 @dataclass
 class LaunchConfig:
     """How the job is started (docs/launch.md). `local`: in this process, or as one rank of a
-    launcher that set the ranks (torchrun, srun, Ray). `torchrun`: start torchrun for the user."""
+    launcher that set the ranks (torchrun, srun, Ray). `torchrun`: start torchrun for the user.
+    `slurm`: write (and submit) a batch script running srun + torchrun, one task per node."""
 
     name: str = "local"
     nproc_per_node: int = 1
     nodes: int = 1
-    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (multi-node)
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (multi-node torchrun)
     max_restarts: int = 0
+    # slurm: the batch script's resources; `submit=false` only writes the script
+    partition: str = ""
+    account: str = ""
+    time: str = ""
+    gpus_per_node: int = 0
+    cpus_per_task: int = 0
+    extra_sbatch: list[str] = field(default_factory=list)
+    submit: bool = True
 
 
 @dataclass
@@ -225,7 +234,7 @@ def validate_tensor_parallel(m: ModelConfig, tp: int) -> None:
 _SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 _PARTITIONS = ("even", "redistribute")
 _VOCAB_PARALLEL = ("none", "alg1", "alg2")
-_LAUNCHERS = ("local", "torchrun")
+_LAUNCHERS = ("local", "torchrun", "slurm")
 
 
 def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:

@@ -1,0 +1,158 @@
+"""launch=slurm: the batch script, and a real job on a one-node SLURM cluster on localhost.
+
+The cluster fixture installs Debian's slurm-wlm (SLURM 22.05, munge) if it is missing, which needs
+root and apt (as on the CI machine), then starts munged, slurmctld and slurmd with the settings in
+../shared/notes/local-slurm.md, and stops them afterwards. By hand:
+
+    .venv/bin/python -m pytest tests/launch/test_slurm.py
+"""
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from skipjack.config import LaunchConfig
+from skipjack.launch.slurm import batch_script, node_script
+
+BIN = Path(sys.executable).parent
+
+
+def test_batch_script_asks_for_resources_and_runs_torchrun_once_per_node(tmp_path):
+    launch = LaunchConfig(
+        name="slurm",
+        nodes=2,
+        nproc_per_node=8,
+        gpus_per_node=8,
+        cpus_per_task=32,
+        partition="gpu",
+        account="lab",
+        time="24:00:00",
+        extra_sbatch=["#SBATCH --exclusive"],
+    )
+    script = batch_script(launch, tmp_path)
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=32",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --time=24:00:00",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={tmp_path}/slurm-%j.out",
+        "#SBATCH --exclusive",
+    ):
+        assert line in script.splitlines()
+    assert f"srun --kill-on-bad-exit=1 bash {tmp_path / 'node.sh'}" in script
+    node = node_script(launch, tmp_path, ["launch=slurm", "launch.nodes=2", "model=llama_1b"])
+    assert '--nnodes="$SLURM_NNODES" --nproc-per-node=8' in node
+    assert "--rdzv-backend=c10d" in node and '--rdzv-id="$SLURM_JOB_ID"' in node
+    assert node.rstrip().endswith(f"train model=llama_1b launch=local hydra.run.dir={tmp_path}")
+    subprocess.run(["bash", "-n"], input=script + node, text=True, check=True)  # valid shell
+
+
+SLURM_CONF = """\
+ClusterName=skipjack
+SlurmctldHost={host}
+SlurmUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+NodeName={host} CPUs={cpus} RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def sh(*args, **kwargs):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if shutil.which("slurmd") is None:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        sh("apt-get", "update", env=env)
+        sh("apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", env=env)
+    host = socket.gethostname().split(".")[0]
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.write_bytes(secrets.token_bytes(1024))
+    Path("/run/munge").mkdir(exist_ok=True)
+    for path in (Path("/run/munge"), key.parent, key):
+        shutil.chown(path, "munge", "munge")
+    key.chmod(0o400)
+    for d in ("/var/spool/slurmctld", "/var/spool/slurmd", "/var/log/slurm"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+    Path("/etc/slurm/slurm.conf").write_text(SLURM_CONF.format(host=host, cpus=os.cpu_count()))
+    sh("su", "-s", "/bin/sh", "munge", "-c", "munged")
+    sh("slurmctld")
+    sh("slurmd")
+    try:
+        deadline = time.time() + 60
+        while "idle" not in sh("sinfo", "-h", "-o", "%t").stdout:
+            assert time.time() < deadline, "the SLURM node never became idle"
+            time.sleep(1)
+        yield
+    finally:
+        for pidfile in ("/run/slurmd.pid", "/run/slurmctld.pid", "/run/munge/munged.pid"):
+            if Path(pidfile).exists():
+                subprocess.run(["kill", Path(pidfile).read_text().strip()])
+
+
+@pytest.mark.slow
+def test_launch_slurm_runs_a_job_on_a_real_cluster(slurm_cluster, tmp_path):
+    result = subprocess.run(
+        [
+            BIN / "skipjack",
+            "train",
+            "launch=slurm",
+            "launch.nproc_per_node=2",
+            "parallel.dp=2",
+            "experiment=smoke",
+            "train.steps=6",
+            "train.val_interval=3",
+            "train.micro_batch_size=4",
+            "logging.plot=false",
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    deadline = time.time() + 600
+    while sh("squeue", "-h", "-j", job).stdout.strip():
+        assert time.time() < deadline, f"job {job} still queued or running"
+        time.sleep(2)
+    run_dir = tmp_path / "run"
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert "skipjack: done." in log, log[-3000:]
+    assert "dp=2" in log
+    steps = [
+        line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
+    assert len(steps) == 6
+    ranks = sorted(p.parent.name for p in (run_dir / "logs").rglob("stdout.log"))
+    assert ranks == ["0", "1"]
