@@ -48,11 +48,16 @@ def _launch(cfg: DictConfig) -> int:
     from skipjack.launch import slurm, torchrun
 
     job = OmegaConf.to_object(cfg)
-    validate(job, job.launch.nodes * job.launch.nproc_per_node)
+    la = job.launch
+    validate(job, la.num_workers if la.name == "ray" else la.nodes * la.nproc_per_node)
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
-    launcher = {"torchrun": torchrun, "slurm": slurm}[job.launch.name]
-    return launcher.run(job.launch, run_dir, list(hydra.overrides.task))
+    if la.name == "ray":
+        from skipjack.launch import ray
+
+        return ray.run(la, run_dir, cfg)
+    launcher = {"torchrun": torchrun, "slurm": slurm}[la.name]
+    return launcher.run(la, run_dir, list(hydra.overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="preprocess")

@@ -129,7 +129,8 @@ class LoggingConfig:
 class LaunchConfig:
     """How the job is started (docs/launch.md). `local`: in this process, or as one rank of a
     launcher that set the ranks (torchrun, srun, Ray). `torchrun`: start torchrun for the user.
-    `slurm`: write (and submit) a batch script running srun + torchrun, one task per node."""
+    `slurm`: write (and submit) a batch script running srun + torchrun, one task per node.
+    `ray`: run the trainer as a Ray Train TorchTrainer job."""
 
     name: str = "local"
     nproc_per_node: int = 1
@@ -144,6 +145,12 @@ class LaunchConfig:
     cpus_per_task: int = 0
     extra_sbatch: list[str] = field(default_factory=list)
     submit: bool = True
+    # ray: a Ray Train job on the cluster at `address` (empty: start a local one)
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    address: str = ""
+    max_failures: int = 0
 
 
 @dataclass
@@ -234,7 +241,7 @@ def validate_tensor_parallel(m: ModelConfig, tp: int) -> None:
 _SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 _PARTITIONS = ("even", "redistribute")
 _VOCAB_PARALLEL = ("none", "alg1", "alg2")
-_LAUNCHERS = ("local", "torchrun", "slurm")
+_LAUNCHERS = ("local", "torchrun", "slurm", "ray")
 
 
 def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:
@@ -361,8 +368,10 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
         raise ConfigError("launch.name", f"unknown launcher {la.name!r}; use one of {_LAUNCHERS}")
     _positive("launch.nproc_per_node", la.nproc_per_node)
     _positive("launch.nodes", la.nodes)
-    if la.max_restarts < 0:
-        raise ConfigError("launch.max_restarts", f"must be >= 0, got {la.max_restarts}")
+    _positive("launch.num_workers", la.num_workers)
+    for name in ("max_restarts", "max_failures"):
+        if getattr(la, name) < 0:
+            raise ConfigError(f"launch.{name}", f"must be >= 0, got {getattr(la, name)}")
     if la.name == "torchrun" and la.nodes > 1 and ":" not in la.rdzv_endpoint:
         raise ConfigError(
             "launch.rdzv_endpoint",
