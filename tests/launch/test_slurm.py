@@ -7,6 +7,7 @@ root and apt (as on the CI machine), then starts munged, slurmctld and slurmd wi
     .venv/bin/python -m pytest tests/launch/test_slurm.py
 """
 
+import getpass
 import os
 import re
 import secrets
@@ -114,6 +115,10 @@ def slurm_cluster():
             time.sleep(1)
         yield
     finally:
+        subprocess.run(["scancel", "--user", getpass.getuser()])
+        deadline = time.time() + 30
+        while sh("squeue", "-h").stdout.strip() and time.time() < deadline:
+            time.sleep(1)
         for pidfile in ("/run/slurmd.pid", "/run/slurmctld.pid", "/run/munge/munged.pid"):
             if Path(pidfile).exists():
                 subprocess.run(["kill", Path(pidfile).read_text().strip()])
@@ -156,3 +161,32 @@ def test_launch_slurm_runs_a_job_on_a_real_cluster(slurm_cluster, tmp_path):
     assert len(steps) == 6
     ranks = sorted(p.parent.name for p in (run_dir / "logs").rglob("stdout.log"))
     assert ranks == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_hydra_sweep_goes_to_slurm_through_submitit(slurm_cluster, tmp_path):
+    result = subprocess.run(
+        [
+            BIN / "skipjack",
+            "train",
+            "-m",
+            "hydra/launcher=submitit_slurm",
+            "hydra.launcher.partition=debug",
+            "hydra.launcher.timeout_min=10",
+            "hydra.sweep.dir=sweep",
+            "experiment=smoke",
+            "train.steps=4",
+            "train.val_interval=2",
+            "logging.plot=false",
+            "logging.progress=false",
+            "optim.lr=1e-3,3e-3",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        rows = (tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()
+        assert sum('"loss"' in row for row in rows) == 4
