@@ -86,6 +86,9 @@ class ParallelConfig:
     partition: str = "even"
     layers_per_stage: list[int] = field(default_factory=list)
     vocab_parallel: str = "none"
+    # micro-batches per step and replica (what flows through the pipeline); 0: global batch /
+    # (dp x train.micro_batch_size). When set, it decides train.micro_batch_size instead.
+    microbatches: int = 0
     sequence_parallel: bool = False
     bucket_mb: float = 25.0
 
@@ -423,6 +426,22 @@ def _is_number(text: str) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def apply_microbatches(cfg: TrainJobConfig, world_size: int) -> None:
+    """With `parallel.microbatches` set, derive train.micro_batch_size from it."""
+    p, t = cfg.parallel, cfg.train
+    if p.microbatches == 0:
+        return
+    _positive("parallel.microbatches", p.microbatches)
+    per_step = resolve_dp(p, world_size) * p.microbatches
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "parallel.microbatches",
+            f"train.global_batch_size={t.global_batch_size} does not split into dp x "
+            f"microbatches = {per_step} micro-batches; change either",
+        )
+    t.micro_batch_size = t.global_batch_size // per_step
 
 
 def resolve_dp(p: ParallelConfig, world_size: int) -> int:

@@ -5,7 +5,13 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from skipjack.config import ConfigError, TrainJobConfig, register_configs, validate
+from skipjack.config import (
+    ConfigError,
+    TrainJobConfig,
+    apply_microbatches,
+    register_configs,
+    validate,
+)
 
 
 def job(*overrides, world_size=1):
@@ -77,6 +83,7 @@ def test_default_job_is_valid():
         (["parallel.tp=2"], 3, "parallel.tp", "world size 3"),
         (["parallel.pp=2", "parallel.vocab_parallel=alg3"], 2, "parallel.vocab_parallel", "alg2"),
         (["parallel.vocab_parallel=alg2"], 1, "parallel.vocab_parallel", "needs pp > 1"),
+        (["parallel.microbatches=3"], 1, "parallel.microbatches", "dp x microbatches = 3"),
         (
             ["parallel.pp=2", "parallel.vocab_parallel=alg2", "parallel.partition=redistribute"],
             2,
@@ -87,10 +94,19 @@ def test_default_job_is_valid():
     ],
 )
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
+    cfg = job(*overrides)
     with pytest.raises(ConfigError) as err:
-        validate(job(*overrides), world)
+        apply_microbatches(cfg, world)
+        validate(cfg, world)
     assert err.value.field_name == field
     assert fix in str(err.value)
+
+
+def test_microbatches_decide_the_micro_batch_size():
+    cfg = job("parallel.microbatches=4", "train.global_batch_size=16")
+    apply_microbatches(cfg, 2)  # dp=2: 2 replicas x 4 micro-batches of 2 sequences
+    assert cfg.train.micro_batch_size == 2
+    validate(cfg, 2)
 
 
 def test_unknown_keys_and_presets_are_refused_by_the_schema():

@@ -21,7 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.sharded import load_model
-from skipjack.config import ConfigError, ModelConfig, TrainJobConfig, resolve_dp, validate
+from skipjack.config import (
+    ConfigError,
+    ModelConfig,
+    TrainJobConfig,
+    apply_microbatches,
+    resolve_dp,
+    validate,
+)
 from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
 from skipjack.launch.env import discover
@@ -187,6 +194,7 @@ def train(cfg: DictConfig) -> dict:
     t = job.train
     if job.model.init_from:
         job.model = init_model_config(job.model)
+    apply_microbatches(job, discover().world_size)
     validate(job, discover().world_size)
     device = device_for_rank(t.device)
     rank, world = init_distributed(device)
