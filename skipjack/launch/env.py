@@ -1,10 +1,9 @@
 """Where this process stands in the job: rank, local rank, world size and the rendezvous address,
 read from whichever launcher started it, so `skipjack train` needs no launcher flags.
 
-- torchrun (and anything else that sets `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`):
-  taken as they are.
-- Ray Train: its workers have joined a process group before the trainer runs (TorchTrainer
-  does that); the rank comes from the group.
+- torchrun, Ray Train's workers, and anything else that sets `RANK`, `WORLD_SIZE`,
+  `MASTER_ADDR`, `MASTER_PORT` ("env"): taken as they are. Ray Train's workers have also joined
+  a process group before the trainer runs; `parallel.dims.init_distributed` keeps that group.
 - SLURM `srun` (one process per task): `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_NTASKS`; the
   master is the first host of `SLURM_STEP_NODELIST` (or the job's node list) and the port is
   derived from the job id, so every task computes the same address without talking.
@@ -18,12 +17,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch.distributed as dist
-
 
 @dataclass(frozen=True)
 class RankInfo:
-    launcher: str  # "single", "torchrun", "slurm" or "ray"
+    launcher: str  # "single", "env" (torchrun, Ray Train, ...) or "slurm"
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -57,18 +54,9 @@ def expand_hostlist(hostlist: str) -> list[str]:
 
 def discover(environ: Mapping[str, str] | None = None) -> RankInfo:
     env = os.environ if environ is None else environ
-    if dist.is_initialized():  # Ray Train's workers join their group before the trainer runs
-        return RankInfo(
-            "ray",
-            dist.get_rank(),
-            int(env.get("LOCAL_RANK", "0")),
-            dist.get_world_size(),
-            env.get("MASTER_ADDR", "127.0.0.1"),
-            int(env.get("MASTER_PORT", "0")),
-        )
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankInfo(
-            "torchrun",
+            "env",
             int(env["RANK"]),
             int(env.get("LOCAL_RANK", "0")),
             int(env["WORLD_SIZE"]),

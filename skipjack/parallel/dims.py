@@ -26,9 +26,9 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
     A process started without a launcher is a world of one (an in-memory store, no port), so
     the rest of skipjack has a single code path.
     """
-    info = discover()
-    if info.launcher == "ray":  # Ray Train initialised the group already
+    if dist.is_initialized():  # Ray Train's workers join their group before the trainer runs
         return dist.get_rank(), dist.get_world_size()
+    info = discover()
     timeout = timedelta(seconds=timeout_s)
     if info.launcher == "single":
         dist.init_process_group(

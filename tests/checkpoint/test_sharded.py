@@ -52,15 +52,24 @@ def run_layout(layout, until, directory, interval, resume):
     return run_ranks(checkpointed_run, world, *args)[0]
 
 
+SOURCE = (1, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """(dp, pp, tp) = (1, 2, 2) for 4 steps, saving after step 2: its losses and its root."""
+    root = tmp_path_factory.mktemp("source")
+    return run_layout(SOURCE, 4, str(root), 2, "none"), root
+
+
 @pytest.mark.parametrize("target", [(2, 1, 2), (1, 1, 1), (1, 4, 1), (4, 1, 1)])
-def test_reshard_to_another_layout_and_back(tmp_path, target):
+def test_reshard_to_another_layout_and_back(source_run, tmp_path, target):
     """Saved by (dp, pp, tp) = (1, 2, 2) after step 2, step 3 in `target` (which saves), step 4
     back in (1, 2, 2): both losses equal those of (1, 2, 2) throughout; optimizer states too."""
-    source = (1, 2, 2)
-    straight = run_layout(source, 4, str(tmp_path / "a"), 2, "none")
-    there = run_layout(target, 3, str(tmp_path / "b"), 3, str(tmp_path / "a" / "step-0000002"))
+    straight, root = source_run
+    there = run_layout(target, 3, str(tmp_path / "b"), 3, str(root / "step-0000002"))
     assert abs(there[3] - straight[3]) <= 1e-6 * abs(straight[3])
-    back = run_layout(source, 4, str(tmp_path / "c"), 0, str(tmp_path / "b" / "step-0000003"))
+    back = run_layout(SOURCE, 4, str(tmp_path / "c"), 0, str(tmp_path / "b" / "step-0000003"))
     assert abs(back[4] - straight[4]) <= 1e-6 * abs(straight[4])
 
 

@@ -62,8 +62,10 @@ def test_preprocess_names_the_bad_jsonl_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_datasets(tmp_path_factory):
-    """Two datasets; megatron-core's blend asks for the rank, so a world of one is joined."""
-    if not dist.is_initialized():
+    """Two datasets; megatron-core's blend asks for the rank, so a world of one is joined (and
+    left again after the module's tests)."""
+    joined = not dist.is_initialized()
+    if joined:
         init_distributed(torch.device("cpu"))
     root = tmp_path_factory.mktemp("blend")
     tok = train_bpe(corpus(40, "a") + corpus(40, "b"), 300)
@@ -74,7 +76,9 @@ def two_datasets(tmp_path_factory):
                 tokenize_documents(corpus(200, tag), tok), str(root / tag), tok.vocab_size
             )
         )
-    return prefixes, tok, root
+    yield prefixes, tok, root
+    if joined:
+        dist.destroy_process_group()
 
 
 def _source(sample_tokens, tok, tags):

@@ -18,7 +18,7 @@ def test_slurm_host_lists_expand(hostlist, hosts):
     assert expand_hostlist(hostlist) == hosts
 
 
-def test_torchrun_variables_are_taken_as_they_are():
+def test_torchrun_and_ray_variables_are_taken_as_they_are():
     env = {
         "RANK": "3",
         "LOCAL_RANK": "1",
@@ -26,7 +26,7 @@ def test_torchrun_variables_are_taken_as_they_are():
         "MASTER_ADDR": "h0",
         "MASTER_PORT": "1234",
     }
-    assert discover(env) == RankInfo("torchrun", 3, 1, 4, "h0", 1234)
+    assert discover(env) == RankInfo("env", 3, 1, 4, "h0", 1234)
 
 
 def test_srun_tasks_agree_on_the_master_without_talking():
@@ -54,7 +54,7 @@ def test_a_single_task_or_no_launcher_is_a_world_of_one():
     assert discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "single"
     # torchrun inside an sbatch allocation: torchrun's variables win over SLURM's
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "RANK": "1", "WORLD_SIZE": "2"}
-    assert discover(env).launcher == "torchrun"
+    assert discover(env).launcher == "env"
 
 
 def test_backend_follows_the_device():
