@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         convert(overrides)
         return
     if command == "train" and discover().rank != 0:
-        overrides += ["hydra.output_subdir=null", "hydra.run.dir=."]
+        # rank 0 owns the run directory; the others write nothing of Hydra's anywhere
+        overrides += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
     register_configs()
     sys.argv = [f"skipjack {command}", *overrides]
     {"train": train_app, "preprocess": preprocess_app}[command]()

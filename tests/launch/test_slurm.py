@@ -190,3 +190,26 @@ def test_hydra_sweep_goes_to_slurm_through_submitit(slurm_cluster, tmp_path):
     for job in ("0", "1"):
         rows = (tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()
         assert sum('"loss"' in row for row in rows) == 4
+
+
+@pytest.mark.slow
+def test_srun_tasks_find_their_ranks_without_a_launcher(slurm_cluster, tmp_path):
+    """A plain 2-task batch job, `srun python -m skipjack.cli train`: the ranks come from SLURM's
+    variables (launch/env.py)."""
+    script = tmp_path / "job.sbatch"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --ntasks=2\n"
+        f"#SBATCH --output={tmp_path}/slurm-%j.out\n#SBATCH --chdir={tmp_path}\n"
+        f"srun {sys.executable} -m skipjack.cli train parallel.dp=2 experiment=smoke "
+        "train.steps=4 train.val_interval=2 train.micro_batch_size=4 logging.plot=false "
+        f"logging.progress=false hydra.run.dir={tmp_path}/run\n"
+    )
+    job = sh("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while sh("squeue", "-h", "-j", job).stdout.strip():
+        assert time.time() < deadline, f"job {job} still queued or running"
+        time.sleep(1)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "dp=2" in log and log.count("skipjack: done.") == 1, log[-3000:]
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss"' in row for row in rows) == 4
