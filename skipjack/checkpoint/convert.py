@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 from pathlib import Path
 
+from skipjack.atomic import replacing_dir
 from skipjack.checkpoint import hf
 from skipjack.checkpoint.manager import marked_model, verify, write_marker
 from skipjack.checkpoint.sharded import CheckpointError, read_model, write_model
@@ -44,15 +44,10 @@ def init_model_config(base: ModelConfig) -> ModelConfig:
 
 def import_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     cfg, tensors = hf.read(source)
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model(tensors, str(tmp))
-    write_marker(tmp, 0, {"dp": 1, "pp": 1, "tp": 1}, cfg)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
+    with replacing_dir(target) as tmp:
+        write_model(tensors, str(tmp))
+        write_marker(tmp, 0, {"dp": 1, "pp": 1, "tp": 1}, cfg)
+    return Path(target)
 
 
 def export_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from skipjack.atomic import replacing_dir
 from skipjack.config import ConfigError, ModelConfig, RopeScalingConfig
 
 _LAYER_NAMES = {
@@ -130,10 +130,6 @@ def read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]
 def write(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """A Hugging Face Llama directory (`transformers` loads it) from skipjack's tensors, written
     next to `path` and renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     out = {}
     for name, tensor in tensors.items():
         if name == "output.weight" and cfg.tie_embeddings:
@@ -142,7 +138,6 @@ def write(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: str | os.Pat
             heads = cfg.n_heads if name.endswith("wq.weight") else cfg.n_kv_heads
             tensor = _rope_rows(tensor, heads, to_interleaved=False)
         out[to_hf_name(name)] = tensor.contiguous()
-    save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -163,7 +158,6 @@ def write(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: str | os.Pat
     }
     if cfg.rope_scaling is not None:
         config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(cfg.rope_scaling)}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with replacing_dir(path) as tmp:
+        save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from skipjack.atomic import write_text
 from skipjack.checkpoint.sharded import CheckpointError, Saving, full_state, load, save_async
 from skipjack.config import CheckpointConfig, ModelConfig, RopeScalingConfig
 from skipjack.parallel.dims import ParallelDims
@@ -53,9 +53,7 @@ def write_marker(directory: Path, step: int, layout: dict, model: ModelConfig) -
         if p.is_file() and p.name != MARKER
     }
     info = {"step": step, "layout": layout, "model": dataclasses.asdict(model), "files": files}
-    tmp = directory / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, directory / MARKER)
+    write_text(directory / MARKER, json.dumps(info, indent=1))
 
 
 def marked_model(directory: Path) -> ModelConfig:

@@ -16,6 +16,8 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from skipjack.atomic import replacing
+
 EOD = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -56,9 +58,8 @@ class Tokenizer:
         return self.hf.decode([int(i) for i in ids])
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        self.hf.save(tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            self.hf.save(str(tmp))
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from skipjack.atomic import write_text
 from skipjack.config import LaunchConfig
 from skipjack.launch.torchrun import child_overrides
 
@@ -67,16 +68,10 @@ exec {shlex.quote(sys.executable)} -m torch.distributed.run \\
 """
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run(launch: LaunchConfig, run_dir: Path, overrides: list[str]) -> int:
     script = run_dir / "job.sbatch"
-    _write(run_dir / "node.sh", node_script(launch, run_dir, overrides))
-    _write(script, batch_script(launch, run_dir))
+    write_text(run_dir / "node.sh", node_script(launch, run_dir, overrides))
+    write_text(script, batch_script(launch, run_dir))
     if not launch.submit:
         print(f"skipjack: wrote {script}; submit it with: sbatch {script}")
         return 0

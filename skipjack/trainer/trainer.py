@@ -9,7 +9,6 @@ gradient of the global mean loss.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from skipjack.atomic import write_text
 from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.sharded import load_model
@@ -168,9 +168,7 @@ def _broadcast_run_dir(cfg: TrainJobConfig) -> Path:
 
 
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
-    tmp = run_dir / f".config.yaml.tmp{os.getpid()}"
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, run_dir / "config.yaml")
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _wandb_run(cfg: TrainJobConfig, run_dir: Path, resolved: dict):
