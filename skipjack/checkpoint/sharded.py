@@ -199,11 +199,7 @@ def load_model(training, dims: ParallelDims, source: str, group: dist.ProcessGro
             for name, p in params:
                 if name == "output.weight" and name not in tensors:  # tied in the source
                     name = "tok_embeddings.weight"
-                spec, full = spec_of(p), tensors[name]
-                padding = spec.global_shape[0] - full.shape[0]  # vocabulary rows
-                if padding:
-                    full = torch.nn.functional.pad(full, (0, 0, 0, padding))
-                p.copy_(spec.shard(full))
+                p.copy_(spec_of(p).shard(tensors[name]))
         return
     check_model(source, expected)
     dcp.load(model_state(training, dims), checkpoint_id=source, process_group=group)

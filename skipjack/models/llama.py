@@ -307,10 +307,7 @@ def initialise(module: nn.Module, cfg: ModelConfig, seed: int, device: torch.dev
     module.to_empty(device=device)  # new Parameter objects: the specs are attached again
     for name, param in module.named_parameters():
         spec = specs[name]
-        full = initial_value(cfg, name, seed)
-        if full.shape[0] < spec.global_shape[0]:  # padded vocabulary rows are zeros
-            full = F.pad(full, (0, 0, 0, spec.global_shape[0] - full.shape[0]))
-        param.copy_(spec.shard(full))
+        param.copy_(spec.shard(initial_value(cfg, name, seed)))  # padded vocabulary rows: zeros
         set_spec(param, spec)
 
 

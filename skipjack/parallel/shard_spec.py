@@ -57,7 +57,11 @@ class ShardSpec:
         return tuple(offsets)
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the global tensor `full`."""
+        """This rank's slice of the global tensor `full`. `full` may stop short of the global
+        shape along dim 0 (a vocabulary before its padding): the missing rows are zeros."""
+        short = self.global_shape[0] - full.shape[0]
+        if short > 0 and tuple(full.shape[1:]) == self.global_shape[1:]:
+            full = torch.nn.functional.pad(full, (0, 0) * (full.dim() - 1) + (0, short))
         if tuple(full.shape) != self.global_shape:
             raise ValueError(f"tensor of shape {tuple(full.shape)} is not {self.global_shape}")
         if not self.sharded:
