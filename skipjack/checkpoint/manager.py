@@ -151,14 +151,16 @@ class CheckpointManager:
             raise CheckpointError(f"no intact checkpoint among {[str(c) for c in candidates]}")
         return None
 
-    def restore(self, training) -> dict | None:
-        """Load the checkpoint to resume from into `training`; returns its trainer and loader
-        values ({"trainer": {step, tokens}, "loader": {consumed_samples}}), or None."""
+    def restore(self, training, loader) -> dict | None:
+        """Load the checkpoint to resume from into `training` and the data position into
+        `loader`; returns its trainer values ({step, tokens}), or None for a fresh start."""
         directory = self.find()
         if directory is None:
             return None
         self.restored_from = directory
-        return load(training, self.dims, str(directory), self.group)
+        state = load(training, self.dims, str(directory), self.group)
+        loader.load_state_dict(state["loader"])
+        return {key: int(value) for key, value in state["trainer"].items()}
 
     # -- save ------------------------------------------------------------------------------
 

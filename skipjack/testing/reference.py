@@ -164,11 +164,8 @@ def checkpointed_run(
     )
     training = build_training(job, dims, loader.accumulation_steps, device)
     checkpoints = CheckpointManager(job.checkpoint, job.model, dims, dist.get_rank() == 0)
-    restored = checkpoints.restore(training)
-    start = 0
-    if restored is not None:
-        start = int(restored["trainer"]["step"])
-        loader.load_state_dict(restored["loader"])
+    restored = checkpoints.restore(training, loader)
+    start = 0 if restored is None else restored["step"]
     losses = {}
     for step in range(start + 1, (until or steps) + 1):
         losses[step] = train_step(training, loader, step, 1.0, dims, device, checkpoints)[0]

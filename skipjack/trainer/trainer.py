@@ -192,8 +192,9 @@ def train(cfg: DictConfig) -> dict:
     t = job.train
     if job.model.init_from:
         job.model = init_model_config(job.model)
-    apply_microbatches(job, discover().world_size)
-    validate(job, discover().world_size)
+    world = discover().world_size
+    apply_microbatches(job, world)
+    validate(job, world)
     device = device_for_rank(t.device)
     rank, world = init_distributed(device)
     dims = ParallelDims(
@@ -249,12 +250,11 @@ def train(cfg: DictConfig) -> dict:
         )
 
     checkpoints = CheckpointManager(job.checkpoint, job.model, dims, lead)
-    restored = checkpoints.restore(training)
+    restored = checkpoints.restore(training, loader)
     start = 0
     if restored is not None:
-        start = int(restored["trainer"]["step"])
-        loader.load_state_dict(restored["loader"])
-        metrics.resume(int(restored["trainer"]["tokens"]))
+        start = restored["step"]
+        metrics.resume(restored["tokens"])
         if lead:
             print(f"skipjack: resumed from {checkpoints.restored_from} (step {start})")
     elif job.model.init_from:

@@ -88,6 +88,14 @@ def sh(*args, **kwargs):
     return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
 
 
+def wait_for(job: str, seconds: float) -> None:
+    """Until SLURM no longer lists `job` (it ended)."""
+    deadline = time.time() + seconds
+    while sh("squeue", "-h", "-j", job).stdout.strip():
+        assert time.time() < deadline, f"job {job} still queued or running"
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
     if shutil.which("slurmd") is None:
@@ -147,10 +155,7 @@ def test_launch_slurm_runs_a_job_on_a_real_cluster(slurm_cluster, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     job = re.search(r"submitted job (\d+)", result.stdout).group(1)
-    deadline = time.time() + 600
-    while sh("squeue", "-h", "-j", job).stdout.strip():
-        assert time.time() < deadline, f"job {job} still queued or running"
-        time.sleep(2)
+    wait_for(job, 600)
     run_dir = tmp_path / "run"
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert "skipjack: done." in log, log[-3000:]
@@ -205,10 +210,7 @@ def test_srun_tasks_find_their_ranks_without_a_launcher(slurm_cluster, tmp_path)
         f"logging.progress=false hydra.run.dir={tmp_path}/run\n"
     )
     job = sh("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
-    deadline = time.time() + 300
-    while sh("squeue", "-h", "-j", job).stdout.strip():
-        assert time.time() < deadline, f"job {job} still queued or running"
-        time.sleep(1)
+    wait_for(job, 300)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert "dp=2" in log and log.count("skipjack: done.") == 1, log[-3000:]
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
