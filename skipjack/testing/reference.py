@@ -53,6 +53,19 @@ class SyntheticSamples:
         return {"tokens": self.text[i, :-1], "labels": self.text[i, 1:], "loss_mask": self.mask[i]}
 
 
+def _build(job: TrainJobConfig, data_seed: int):
+    """This rank's layout (dp = world / (pp x tp)), a loader over synthetic samples, and what it
+    trains with, for `job`."""
+    p, t = job.parallel, job.train
+    dp = dist.get_world_size() // (p.tp * p.pp)
+    dims = ParallelDims(dp=dp, pp=p.pp, tp=p.tp, rank=dist.get_rank()).build_groups()
+    data = SyntheticSamples(
+        t.steps * t.global_batch_size, t.seq_len, job.model.vocab_size, data_seed
+    )
+    loader = ShardedLoader(data, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp)
+    return dims, loader, build_training(job, dims, loader.accumulation_steps, torch.device("cpu"))
+
+
 def train_reference(
     model_cfg: ModelConfig,
     steps: int,
@@ -73,11 +86,6 @@ def train_reference(
     shard spec and from every pipeline stage (before the optimizer step), so any layout
     compares with the single process.
     """
-    dims = ParallelDims(dp=dist.get_world_size() // (tp * pp), pp=pp, tp=tp, rank=dist.get_rank())
-    dims.build_groups()
-    data = SyntheticSamples(steps * global_batch_size, seq_len, model_cfg.vocab_size, seed)
-    loader = ShardedLoader(data, global_batch_size, micro_batch_size, dims.dp_rank, dims.dp)
-    device = torch.device("cpu")
     job = TrainJobConfig(
         model=model_cfg,
         parallel=ParallelConfig(
@@ -94,14 +102,15 @@ def train_reference(
         optim=OptimConfig(lr=1e-4, warmup_steps=2),
         train=TrainConfig(
             steps=steps,
+            global_batch_size=global_batch_size,
             micro_batch_size=micro_batch_size,
             seq_len=seq_len,
             seed=seed,
             dtype="fp32",
         ),
     )
-    training = build_training(job, dims, loader.accumulation_steps, device)
-    runtime = training.runtime
+    dims, loader, training = _build(job, seed)
+    device, runtime = torch.device("cpu"), training.runtime
     history = []
     for _ in range(steps):
         loss = forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
@@ -146,23 +155,23 @@ def checkpointed_run(
     end) with the trainer's step function in the current process group (dp = world / (pp x tp)),
     resuming first per `resume`, saving every `interval` steps; returns the loss of every step
     run."""
-    dims = ParallelDims(dp=dist.get_world_size() // (tp * pp), pp=pp, tp=tp, rank=dist.get_rank())
-    dims.build_groups()
-    data = SyntheticSamples(steps * global_batch_size, seq_len, model_cfg.vocab_size)
-    loader = ShardedLoader(data, global_batch_size, micro_batch_size, dims.dp_rank, dims.dp)
-    device = torch.device("cpu")
     job = TrainJobConfig(
         model=model_cfg,
         parallel=ParallelConfig(tp=tp, pp=pp, vocab_parallel=vocab_parallel, bucket_mb=0.05),
         optim=OptimConfig(lr=1e-3, warmup_steps=2),
         train=TrainConfig(
-            steps=steps, micro_batch_size=micro_batch_size, seq_len=seq_len, dtype="fp32"
+            steps=steps,
+            global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+            seq_len=seq_len,
+            dtype="fp32",
         ),
         checkpoint=CheckpointConfig(
             interval=interval, dir=checkpoint_dir, keep_last=10, resume=resume
         ),
     )
-    training = build_training(job, dims, loader.accumulation_steps, device)
+    dims, loader, training = _build(job, data_seed=0)
+    device = torch.device("cpu")
     checkpoints = CheckpointManager(job.checkpoint, job.model, dims, dist.get_rank() == 0)
     restored = checkpoints.restore(training, loader)
     start = 0 if restored is None else restored["step"]
