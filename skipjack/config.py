@@ -94,8 +94,28 @@ class ParallelConfig:
 
 
 @dataclass
+class GaLoreConfig:
+    """Low-rank optimizer states for the attention and MLP matrices (docs/optimizers.md); read
+    when optim.name is galore or galore_plus. `rank`: None takes the GaLore paper's rank for the
+    model preset (a quarter of dim for other models)."""
+
+    rank: Optional[int] = None
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"  # std | reverse_std | left | right
+    moments: str = "keep"  # on a basis change: keep | reset | rotate
+    svd: str = "exact"  # exact | rsi (randomized subspace iteration)
+    oversample: int = 8
+    power_iters: int = 2
+    # GaLore+ only: heads sampled for a shared attention basis (0: off); sparse residuals
+    heads: int = 0
+    density: float = 0.0
+    residual_warmup: int = 0
+
+
+@dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | galore | galore_plus
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -104,6 +124,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
 
 
 @dataclass
@@ -204,6 +225,36 @@ _DATA_KINDS = ("builtin", "indexed")
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("fp32", "bf16")
 _WANDB_MODES = ("offline", "online", "disabled")
+
+
+OPTIMIZERS = ("adamw", "galore", "galore_plus")
+GALORE_CHOICES = {
+    "proj_type": ("std", "reverse_std", "left", "right"),
+    "moments": ("keep", "reset", "rotate"),
+    "svd": ("exact", "rsi"),
+}
+
+
+def _validate_galore(g: GaLoreConfig, plus: bool) -> None:
+    for name, allowed in GALORE_CHOICES.items():
+        if getattr(g, name) not in allowed:
+            raise ConfigError(
+                f"optim.galore.{name}",
+                f"unknown value {getattr(g, name)!r}; use one of {', '.join(allowed)}",
+            )
+    if g.rank is not None and g.rank < 0:
+        raise ConfigError("optim.galore.rank", f"must be >= 0 (or null: by preset), got {g.rank}")
+    _positive("optim.galore.update_proj_gap", g.update_proj_gap)
+    for name in ("oversample", "power_iters", "heads", "residual_warmup"):
+        if getattr(g, name) < 0:
+            raise ConfigError(f"optim.galore.{name}", f"must be >= 0, got {getattr(g, name)}")
+    if not 0.0 <= g.density <= 1.0:
+        raise ConfigError("optim.galore.density", f"must be in [0, 1], got {g.density}")
+    if not plus and (g.heads or g.density):
+        raise ConfigError(
+            "optim.galore.heads" if g.heads else "optim.galore.density",
+            "cross-head projection and sparse residuals are GaLore+; use optim=galore_plus",
+        )
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -340,8 +391,12 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
         )
 
     o = cfg.optim
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(
+            "optim.name", f"unknown optimizer {o.name!r}; use one of {', '.join(OPTIMIZERS)}"
+        )
     if o.name != "adamw":
-        raise ConfigError("optim.name", f"unknown optimizer {o.name!r}; use 'adamw'")
+        _validate_galore(o.galore, plus=o.name == "galore_plus")
     _positive("optim.lr", o.lr)
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")

@@ -8,8 +8,10 @@ A checkpoint's state dict, by key:
   (vocabulary padding cut off), so each rank writes only its own rows, described by their global
   offsets, and a rank of any other layout reads exactly the rows it holds. Replicated tensors are
   written once.
-- `optim/<name>/<key>`: the optimizer state of that parameter, sharded like the parameter when it
-  has the parameter's shape, replicated otherwise (Adam's step count).
+- `optim/<name>/<key>`: the optimizer state of that parameter. A tensor shaped like the parameter
+  is sharded like it; an optimizer with `state_shard_dim(param, key)` (GaLore) names the dimension
+  of each state tensor that is split like the parameter (its moments or its rows of the basis);
+  the rest is replicated (Adam's step count, a basis every rank holds whole).
 - `lr_schedule`, `trainer` (step, tokens), `loader` (samples consumed, global), `rng`: plain values.
 
 Saving wraps the live tensors (no copy); DCP's stager copies them before anything is written, and
@@ -66,12 +68,33 @@ def model_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
     }
 
 
+def _state_shard_dim(optimizer, p: torch.nn.Parameter, key: str, value) -> int | None:
+    """The dimension of optimizer state `value` split like `p` over its shard group (None: the
+    same on every rank of it). The optimizer says so (GaLore's bases and moments); otherwise a
+    tensor shaped like the parameter is split like it."""
+    if hasattr(optimizer, "state_shard_dim"):
+        return optimizer.state_shard_dim(p, key)
+    spec = spec_of(p)
+    return spec.dim if spec.sharded and value.shape == p.shape else None
+
+
 def _optimizer_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
     cfg, state = training.model_config, {}
     for name, p in _parameters(training):
+        spec = spec_of(p)
         for key, value in training.optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                value = _global(value, spec_of(p), parameter_shape(cfg, name), dims)
+            dim = None
+            if isinstance(value, torch.Tensor):
+                dim = _state_shard_dim(training.optimizer, p, key, value)
+            if dim is not None:
+                # the parameter's true global size where the state runs along it (padding
+                # dropped), else the shards side by side
+                padded, shape = list(value.shape), list(value.shape)
+                padded[dim] *= spec.num_shards
+                along_param = value.shape[dim] == p.shape[spec.dim]
+                shape[dim] = parameter_shape(cfg, name)[spec.dim] if along_param else padded[dim]
+                value_spec = ShardSpec(tuple(padded), dim, spec.group, spec.num_shards, spec.index)
+                value = _global(value, value_spec, tuple(shape), dims)
             state[f"optim/{name}/{key}"] = value
     return state
 

@@ -3,28 +3,102 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
+import torch.distributed as dist
 
-from skipjack.config import OptimConfig
+from skipjack.config import GaLoreConfig, ModelConfig, OptimConfig
+from skipjack.optim.galore import GaLoreAdamW
+from skipjack.optim.galore_plus import GaLorePlusAdamW
+
+# the rank the GaLore paper trains each model of its family with (Zhao et al. 2024, table 2)
+PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512}
+# the matrices that get low-rank optimizer states: attention and MLP weights of every block
+LOW_RANK = re.compile(r"\.(attention|feed_forward)\.\w+\.weight$")
+
+
+def galore_rank(cfg: GaLoreConfig, model: ModelConfig) -> int:
+    """The configured rank, or the paper's for the preset (a quarter of dim otherwise)."""
+    if cfg.rank is not None:
+        return cfg.rank
+    return PAPER_RANKS.get(model.name, max(1, model.dim // 4))
 
 
 def build_optimizer(
-    model: torch.nn.Module, cfg: OptimConfig, device: torch.device
+    model: torch.nn.Module,
+    cfg: OptimConfig,
+    device: torch.device,
+    model_cfg: ModelConfig,
+    groups: dict[str, dist.ProcessGroup] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (norm weights are not decayed). Fused on CUDA."""
-    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    vectors = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": matrices, "weight_decay": cfg.weight_decay},
-        {"params": vectors, "weight_decay": 0.0},
+    """AdamW (fused on CUDA), or GaLore / GaLore+ for the attention and MLP matrices with AdamW
+    for the rest. Weight decay on matrices only (norm weights are not decayed)."""
+    modules = model if isinstance(model, torch.nn.ModuleList) else [model]  # stage chunks
+    named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
+    vectors = {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "adamw":
+        matrices = {
+            "params": [p for _, p in named if p.ndim >= 2],
+            "weight_decay": cfg.weight_decay,
+        }
+        return torch.optim.AdamW(
+            [g for g in (matrices, vectors) if g["params"]],
+            lr=cfg.lr,
+            betas=betas,
+            eps=cfg.eps,
+            fused=device.type == "cuda",
+        )
+    g = cfg.galore
+    options = {
+        "rank": galore_rank(g, model_cfg),
+        "update_proj_gap": g.update_proj_gap,
+        "scale": g.scale,
+        "proj_type": g.proj_type,
+        "moments": g.moments,
+        "svd": g.svd,
+        "oversample": g.oversample,
+        "power_iters": g.power_iters,
+    }
+    if cfg.name == "galore_plus":
+        options.update(heads=g.heads, density=g.density, residual_warmup=g.residual_warmup)
+    low_rank = [p for n, p in named if p.ndim == 2 and LOW_RANK.search(n)]
+    chosen = set(low_rank)
+    others = [p for _, p in named if p.ndim >= 2 and p not in chosen]
+    param_groups = [
+        {"params": low_rank, "weight_decay": cfg.weight_decay, **options},
+        {"params": others, "weight_decay": cfg.weight_decay},
+        vectors,
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+    kind = GaLorePlusAdamW if cfg.name == "galore_plus" else GaLoreAdamW
+    return kind(
+        [group for group in param_groups if group["params"]],
         lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
+        betas=betas,
         eps=cfg.eps,
-        fused=device.type == "cuda",
+        names={p: n for n, p in named},
+        groups=groups,
+    )
+
+
+def planned_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Optimizer-state bytes this rank will hold (from shapes, before any step): AdamW keeps two
+    moments and a step counter per parameter; GaLore m*r + 2*n*r per low-rank matrix."""
+    if isinstance(optimizer, GaLoreAdamW):
+        return optimizer.planned_state_bytes()
+    return sum(
+        2 * p.numel() * p.element_size() + 4 for g in optimizer.param_groups for p in g["params"]
+    )
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Optimizer-state bytes this rank holds now (every tensor in the state, measured)."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
     )
 
 

@@ -79,6 +79,7 @@ def train_reference(
     schedule: str = "1f1b",
     vpp: int = 1,
     vocab_parallel: str = "none",
+    optim: OptimConfig | None = None,
 ) -> list[dict]:
     """Run `steps` training steps in the current process group (dp = world / (pp x tp)).
 
@@ -99,7 +100,7 @@ def train_reference(
         ),
         # a small lr: Adam's first updates are sign(g), so rounding noise in a near-zero
         # gradient element would otherwise move that weight by a full lr in one layout only
-        optim=OptimConfig(lr=1e-4, warmup_steps=2),
+        optim=optim or OptimConfig(lr=1e-4, warmup_steps=2),
         train=TrainConfig(
             steps=steps,
             global_batch_size=global_batch_size,
@@ -150,6 +151,7 @@ def checkpointed_run(
     micro_batch_size: int = 2,
     seq_len: int = 32,
     until: int | None = None,
+    optim: OptimConfig | None = None,
 ) -> dict[int, float]:
     """Train a run of `steps` steps (the LR schedule's length) up to step `until` (default: the
     end) with the trainer's step function in the current process group (dp = world / (pp x tp)),
@@ -158,7 +160,7 @@ def checkpointed_run(
     job = TrainJobConfig(
         model=model_cfg,
         parallel=ParallelConfig(tp=tp, pp=pp, vocab_parallel=vocab_parallel, bucket_mb=0.05),
-        optim=OptimConfig(lr=1e-3, warmup_steps=2),
+        optim=optim or OptimConfig(lr=1e-3, warmup_steps=2),
         train=TrainConfig(
             steps=steps,
             global_batch_size=global_batch_size,

@@ -84,6 +84,7 @@ class Metrics:
         grad_norm: float | None = None,
         val_loss: float | None = None,
         log: bool = True,
+        optimizer_state_bytes: int | None = None,
     ) -> dict:
         """Account one step of `tokens` that took `seconds`; write it when `log` or validated."""
         self.tokens_total += tokens
@@ -100,6 +101,7 @@ class Metrics:
                 flops_total=self.flops_total,
                 flops_per_s=tokens * self.flops_per_token / seconds,
                 peak_memory_bytes=peak_memory_bytes(self.device),
+                optimizer_state_bytes=optimizer_state_bytes,
             )
             if self.peak:
                 record["mfu"] = record["flops_per_s"] / self.peak

@@ -33,7 +33,12 @@ from skipjack.data.loader import MicroBatch, ShardedLoader
 from skipjack.data.source import build_datasets
 from skipjack.launch.env import discover
 from skipjack.models.llama import flops_per_token, num_parameters
-from skipjack.optim.builder import build_lr_schedule, build_optimizer
+from skipjack.optim.builder import (
+    build_lr_schedule,
+    build_optimizer,
+    planned_state_bytes,
+    state_bytes,
+)
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
@@ -69,7 +74,7 @@ def build_training(
     runtime = build_pipeline(job, dims, tp, accumulation, device)
     vocab = [runtime.vocab.shards] if runtime.vocab is not None else []
     model = torch.nn.ModuleList(runtime.chunks + vocab)
-    optimizer = build_optimizer(model, job.optim, device)
+    optimizer = build_optimizer(model, job.optim, device, job.model, dims.groups)
     schedule = build_lr_schedule(optimizer, job.optim, job.train.steps)
     grad_sync = GradientSync(model.parameters(), dims.group("dp"), job.parallel.bucket_mb)
     return Training(runtime, model, optimizer, schedule, grad_sync, job.model)
@@ -248,6 +253,10 @@ def train(cfg: DictConfig) -> dict:
             f"{t.steps} steps x {t.global_batch_size} sequences x {t.seq_len} tokens, "
             f"accumulation {loader.accumulation_steps}; run dir {run_dir}"
         )
+        print(
+            f"skipjack: optimizer {job.optim.name}: "
+            f"{planned_state_bytes(training.optimizer) / 2**20:.2f} MiB of state on rank 0"
+        )
 
     checkpoints = CheckpointManager(job.checkpoint, job.model, dims, lead)
     restored = checkpoints.restore(training, loader)
@@ -285,6 +294,7 @@ def train(cfg: DictConfig) -> dict:
             grad_norm,
             val_loss,
             log=step % job.logging.interval == 0 or step == t.steps,
+            optimizer_state_bytes=state_bytes(training.optimizer),
         )
     checkpoints.close()
     metrics.close()
