@@ -95,7 +95,12 @@ def test_default_job_is_valid():
         (["optim=galore", "optim.galore.proj_type=diag"], 1, "optim.galore.proj_type", "left"),
         (["optim=galore", "optim.galore.density=0.1"], 1, "optim.galore.density", "galore_plus"),
         (["optim=galore_plus", "optim.galore.density=2"], 1, "optim.galore.density", "[0, 1]"),
-        (["optim=galore", "optim.galore.update_proj_gap=0"], 1, "optim.galore.update_", "> 0"),
+        (
+            ["optim=galore", "optim.galore.update_proj_gap=0"],
+            1,
+            "optim.galore.update_proj_gap",
+            "> 0",
+        ),
         (["optim=galore", "optim.galore.rank=-1"], 1, "optim.galore.rank", "by preset"),
     ],
 )
