@@ -106,7 +106,7 @@ class GaLoreConfig:
     moments: str = "keep"  # on a basis change: keep | reset | rotate
     svd: str = "exact"  # exact | rsi (randomized subspace iteration)
     oversample: int = 8
-    power_iters: int = 2
+    power_iters: int = 1
     # GaLore+ only: heads sampled for a shared attention basis (0: off); sparse residuals
     heads: int = 0
     density: float = 0.0

@@ -91,32 +91,36 @@ class GaLorePlusAdamW(GaLoreAdamW):
         step = int(state["step"])
         if "residual_index" not in state or step < group["residual_warmup"]:
             return update
-        proj = self._projections[p]
-        residual = grad - self._back(low, state["projector"], proj)
-        index = state["residual_index"]
+        proj, basis, index = self._projections[p], state["projector"], state["residual_index"]
         pg = self._groups.get(proj.spec.group) if proj.spec.sharded else None
         if step == group["residual_warmup"]:  # fix the entries the low-rank part misses most
+            residual = grad - self._back(low, basis, proj)
             whole = all_gather_full(residual, proj.spec, self._groups) if pg else residual
             index.copy_(whole.flatten().abs().topk(index.numel()).indices.sort().values)
-        mine, local = _local_entries(index, proj.spec)
+        mine, rows, cols = _local_entries(index, proj.spec)
+        # the residual at those entries only: k dot products of length r, not a full product
+        if proj.side == "left":
+            approx = (basis[rows] * low[:, cols].T).sum(1)
+        else:
+            approx = (low[rows] * basis[cols]).sum(1)
         values = torch.zeros(index.numel(), device=grad.device)
-        values[mine] = residual.flatten()[local]
+        values[mine] = grad[rows, cols] - approx
         if pg is not None:  # every rank runs the same Adam on all k entries
             dist.all_reduce(values, group=pg)
         direction = adam_direction(
             values, state["residual_avg"], state["residual_avg_sq"],
             step - group["residual_warmup"] + 1, group["betas"], group["eps"],
         )  # fmt: skip
-        return update.flatten().index_add_(0, local, direction[mine]).view_as(update)
+        update.index_put_((rows, cols), direction[mine], accumulate=True)
+        return update
 
 
-def _local_entries(index: torch.Tensor, spec: ShardSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_entries(index: torch.Tensor, spec: ShardSpec):
     """Of flat indices into the global matrix: which lie in this rank's shard (a mask), and
-    their flat indices into the shard."""
-    rows, cols = spec.global_shape
-    row, col = index // cols, index % cols
+    their rows and columns in the shard."""
+    row, col = index // spec.global_shape[1], index % spec.global_shape[1]
     if not spec.sharded:
-        return torch.ones_like(index, dtype=torch.bool), index
+        return torch.ones_like(index, dtype=torch.bool), row, col
     m, n = spec.local_shape
     if spec.dim == 0:
         row = row - spec.index * m
@@ -124,4 +128,4 @@ def _local_entries(index: torch.Tensor, spec: ShardSpec) -> tuple[torch.Tensor, 
     else:
         col = col - spec.index * n
         mine = (col >= 0) & (col < n)
-    return mine, (row * n + col)[mine]
+    return mine, row[mine], col[mine]
