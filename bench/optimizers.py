@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,12 @@ def bench_refresh(presets: list[str]) -> list[dict]:
     return rows
 
 
+def _seconds(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
 def _reference_galore(model: torch.nn.Module, rank: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,8 +138,8 @@ def _reference_galore(model: torch.nn.Module, rank: int):
     groups = [
         {"params": low, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
         {"params": rest},
-    ]
-    return Reference(groups, lr=1e-3, no_deprecation_warning=True)
+    ]  # the same weight decay as the others (OptimConfig's), on every parameter
+    return Reference(groups, lr=1e-3, weight_decay=0.1, no_deprecation_warning=True)
 
 
 def _reference_state_bytes(optimizer) -> int:
@@ -160,8 +167,9 @@ def _optimizer(label: str, model: torch.nn.Module, cfg, rank: int) -> torch.opti
     return build_optimizer(model, optim, torch.device("cpu"), cfg)
 
 
-def bench_step(presets: list[str], plain_steps: int = 3) -> list[dict]:
-    """Whole optimizer step; a refresh every T=200 steps amortised into the mean."""
+def bench_step(presets: list[str], plain_steps: int = 7) -> list[dict]:
+    """Whole optimizer step (the median of `plain_steps`), a refresh every T=200 steps amortised
+    into it."""
     rows = []
     for name in presets:
         cfg = preset(name)
@@ -175,10 +183,7 @@ def bench_step(presets: list[str], plain_steps: int = 3) -> list[dict]:
             started = time.perf_counter()
             optimizer.step()  # the first step refreshes every basis (GaLore family)
             first = time.perf_counter() - started
-            started = time.perf_counter()
-            for _ in range(plain_steps):
-                optimizer.step()
-            plain = (time.perf_counter() - started) / plain_steps
+            plain = statistics.median(_seconds(optimizer.step) for _ in range(plain_steps))
             amortised = plain + max(0.0, first - plain) / 200 if label != "AdamW (torch)" else plain
             state = (
                 _reference_state_bytes(optimizer)

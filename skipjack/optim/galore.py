@@ -95,30 +95,50 @@ def randomized_subspace(
     m, n = a.shape
     k = min(rank + oversample, m, n)
     omega = torch.randn(n, k, generator=generator).to(a)
-    q = torch.linalg.qr(a @ omega).Q
+    q = _orthonormal(a @ omega)
     for _ in range(power_iters):
-        q = torch.linalg.qr(a.T @ q).Q
-        q = torch.linalg.qr(a @ q).Q
+        q = _orthonormal(a @ _orthonormal(a.T @ q))
     b = (q.T @ a).double()
     top = torch.linalg.eigh(b @ b.T).eigenvectors[:, k - rank :].flip(-1)  # descending
     return q @ top.to(q.dtype)
 
 
-def adam_direction(
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of y's columns by Cholesky QR in float64, twice (CholeskyQR2: the
+    second pass removes what the first lost to y's conditioning); each pass is a k x k Gram
+    matrix and a triangular solve, much faster than Householder QR for a tall y. Householder QR
+    when y is too ill-conditioned for a Cholesky factor."""
+    q = y.double()
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(q.T @ q, upper=True)
+        if info.item() != 0:
+            return torch.linalg.qr(y).Q
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+    return q.to(y.dtype)
+
+
+def adam_moments(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     step: int,
     betas: tuple[float, float],
     eps: float,
-) -> torch.Tensor:
-    """Fold `grad` into Adam's moments (in place) and return the bias-corrected direction
-    m_hat / (sqrt(v_hat) + eps) of step `step` (1-based), as torch's AdamW computes it."""
+) -> tuple[torch.Tensor, float]:
+    """Fold `grad` into Adam's moments (in place) for step `step` (1-based); return the
+    denominator sqrt(v_hat) + eps and 1 / (1 - beta1^step): the direction is
+    exp_avg / denominator times that factor, torch's AdamW arithmetic."""
     beta1, beta2 = betas
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    return exp_avg.div(denom).div_(1 - beta1**step)
+    return denom, 1 / (1 - beta1**step)
+
+
+def adam_direction(grad, exp_avg, exp_avg_sq, step, betas, eps) -> torch.Tensor:
+    """Adam's bias-corrected direction m_hat / (sqrt(v_hat) + eps) after folding in `grad`."""
+    denom, factor = adam_moments(grad, exp_avg, exp_avg_sq, step, betas, eps)
+    return exp_avg.div(denom).mul_(factor)
 
 
 @dataclass(frozen=True)
@@ -292,17 +312,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, group, state)
+                lr, decay = group["lr"], group["weight_decay"]
                 if p in self._projections:
                     update = self._low_rank_update(p, group, state)
-                else:
-                    state["step"] += 1
-                    update = adam_direction(
-                        p.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
-                        group["betas"], group["eps"],
-                    )  # fmt: skip
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                    if decay:
+                        p.mul_(1 - lr * decay)
+                    p.add_(update.to(p.dtype), alpha=-lr)
+                    continue
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                denom, factor = adam_moments(
+                    p.grad, m, v, int(state["step"]), group["betas"], group["eps"]
+                )
+                if decay:
+                    p.mul_(1 - lr * decay)
+                p.addcdiv_(m, denom, value=-lr * factor)
         return loss
 
     def _low_rank_update(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
