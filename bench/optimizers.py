@@ -70,20 +70,19 @@ def _gradient(shape: tuple[int, int], gen) -> torch.Tensor:
     return (left * strength) @ right / k**0.5 + 0.05 * torch.randn(m, n, generator=gen)
 
 
-def _refresh(kind, options: dict, grad: torch.Tensor, heads, rank: int):
-    """Seconds of one refresh (a refreshing step minus a plain one), the new basis and its side."""
-    times = {}
+def _refresh(kind, options: dict, grad: torch.Tensor, heads, rank: int, repeats: int = 3):
+    """Seconds of one refresh (the median step that refreshes minus the median one that does
+    not), the new basis and its side."""
+    medians = {}
     for gap in (1, 10**9):
         p = torch.nn.Parameter(torch.zeros_like(grad))
         set_spec(p, ShardSpec(tuple(grad.shape), heads=heads))
         optimizer = kind([{"params": [p], "rank": rank, "update_proj_gap": gap, **options}])
         p.grad = grad
         optimizer.step()  # first step: a refresh in both
-        started = time.perf_counter()
-        optimizer.step()
-        times[gap] = time.perf_counter() - started
+        medians[gap] = statistics.median(_seconds(optimizer.step) for _ in range(repeats))
     side = optimizer.projection_of(p).side
-    return max(0.0, times[1] - times[10**9]), optimizer.state[p]["projector"], side
+    return max(0.0, medians[1] - medians[10**9]), optimizer.state[p]["projector"], side
 
 
 def _captured(grad: torch.Tensor, basis: torch.Tensor, side: str) -> float:

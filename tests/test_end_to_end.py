@@ -40,7 +40,8 @@ def test_shortened_default_job_through_the_cli(tmp_path):
     assert len(val) == 3 and val[-1] < val[0] - 1.0
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 41))
-    for key in ("loss", "lr", "tokens_per_s", "flops_total", "flops_per_s", "peak_memory_bytes"):
+    keys = ("loss", "lr", "tokens_per_s", "flops_total", "flops_per_s", "peak_memory_bytes")
+    for key in (*keys, "optimizer_state_bytes"):
         assert all(key in r for r in steps), key
     assert steps[-1]["flops_total"] > steps[0]["flops_total"] > 0
     saved = OmegaConf.load(run_dir / "config.yaml")
@@ -79,6 +80,8 @@ def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
     [
         ["parallel.dp=2"],
         ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        # GaLore+ on tp shards, with every feature on within 12 steps
+        ["parallel.tp=2", "optim=galore_plus", "optim.galore.update_proj_gap=4"],
         ["parallel.pp=2", "parallel.partition=redistribute"],
         ["parallel.pp=2", "parallel.vocab_parallel=alg2"],
     ],
@@ -123,5 +126,6 @@ def test_launch_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     assert not (tmp_path / "run" / "config.yaml").read_text().count("${")
     # rank 0 on the console, every rank's output in the run directory
     assert "[default0]:skipjack: done." in result.stdout and "[default1]" not in result.stdout
+    assert "MiB of state on rank 0" in result.stdout
     logs = sorted(p.parent.name for p in (tmp_path / "run" / "logs").rglob("stdout.log"))
     assert logs == ["0", "1"]

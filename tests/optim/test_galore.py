@@ -8,12 +8,14 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from skipjack.config import GaLoreConfig, OptimConfig
 from skipjack.models.llama import Llama
 from skipjack.optim.builder import build_optimizer, planned_state_bytes, state_bytes
 from skipjack.optim.galore import GaLoreAdamW, randomized_subspace, top_subspace
 from skipjack.optim.galore_plus import GaLorePlusAdamW, sampled_heads
+from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, set_spec
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import (
@@ -204,6 +206,11 @@ def test_randomized_subspace_iteration_recovers_the_top_subspace():
     torch.testing.assert_close(q.T @ q, torch.eye(8), atol=1e-5, rtol=0)
     assert float(_principal_sines(q, top_subspace(low, 3, "left")).max()) < 1e-4
     assert torch.isfinite(randomized_subspace(torch.zeros(20, 10), 4, 2, 2)).all()
+    # a spectrum over 12 decades: the sketch is too ill-conditioned for Cholesky QR in places
+    steep = u[:, :40] @ torch.diag(10 ** -torch.linspace(0, 12, 40)) @ v[:, :40].T
+    q = randomized_subspace(steep, 8, 8, 2, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(q.T @ q, torch.eye(8), atol=1e-5, rtol=0)
+    assert float(_principal_sines(q, top_subspace(steep, 8, "left")).max()) < 1e-3
 
 
 def test_cross_head_basis_comes_from_the_sampled_heads_only():
@@ -227,6 +234,33 @@ def test_cross_head_basis_comes_from_the_sampled_heads_only():
     fresh._names[q] = optimizer._names[p]
     _run(fresh, q, [other])
     assert torch.equal(fresh.state[q]["projector"], basis)
+
+
+def _attention_bases(tp: int) -> dict[str, torch.Tensor]:
+    """One GaLore+ step (cross-head, RSI) of the tiny model at tp ranks; every attention basis."""
+    dims = ParallelDims(dp=1, pp=1, tp=tp, rank=dist.get_rank()).build_groups()
+    cfg = tiny_config()
+    model = Llama(cfg, tp=dims.tensor_parallel()).init_weights(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    (model(tokens).float().pow(2).sum() * 1e-3).backward()  # each rank: its vocabulary shard
+    optim = OptimConfig(name="galore_plus", galore=GaLoreConfig(rank=8, svd="rsi", heads=1))
+    optimizer = build_optimizer(model, optim, torch.device("cpu"), cfg, dims.groups)
+    optimizer.step()
+    return {
+        n: optimizer.state[p]["projector"] for n, p in model.named_parameters() if "attention" in n
+    }
+
+
+def test_cross_head_basis_is_shared_by_every_head_on_every_tp_rank():
+    """Each tp=2 rank holds half the heads; both hold the same basis for a layer, the basis the
+    single process computes for all its heads."""
+    (whole,) = run_ranks(_attention_bases, 1, 1)
+    first, second = run_ranks(_attention_bases, 2, 2)
+    assert whole.keys() == first.keys() and len(whole) == 8
+    for name, basis in whole.items():
+        assert torch.equal(first[name], second[name]), name
+        assert basis.shape == (64, 8)  # the model dimension: across every head
+        assert float(_principal_sines(basis, first[name]).max()) < 1e-3, name
 
 
 def test_memory_report_matches_the_state_and_the_formula():
