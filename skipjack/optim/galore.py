@@ -68,15 +68,18 @@ def top_subspace(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Orthonormal basis of the top-`rank` singular subspace of `a` (m, n): the left one (m, rank)
-    or the right one (n, rank), by exact SVD or randomized subspace iteration (an exact SVD
-    when rank + oversample covers the shorter side: the sketch would be the whole matrix)."""
+    or the right one (n, rank), by exact SVD or randomized subspace iteration. With `rsi`, a
+    rank covering the shorter side keeps all of a's column (row) space, so a QR gives it; and
+    when rank + oversample covers the shorter side the sketch would be the whole matrix, so an
+    exact SVD is cheaper. (`exact` always takes the SVD's singular vectors, as galore-torch.)"""
     a = a.float()
-    if method == "exact" or rank + oversample >= min(a.shape):  # a sketch would be the matrix
+    whole = a if side == "left" else a.T
+    if method == "rsi" and rank >= min(a.shape):
+        return torch.linalg.qr(whole).Q[:, :rank]
+    if method == "exact" or rank + oversample >= min(a.shape):
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :rank] if side == "left" else vh[:rank].T
-    return randomized_subspace(
-        a if side == "left" else a.T, rank, oversample, power_iters, generator
-    )
+    return randomized_subspace(whole, rank, oversample, power_iters, generator)
 
 
 def randomized_subspace(

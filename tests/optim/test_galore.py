@@ -247,7 +247,9 @@ def _attention_bases(tp: int) -> dict[str, torch.Tensor]:
     optimizer = build_optimizer(model, optim, torch.device("cpu"), cfg, dims.groups)
     optimizer.step()
     return {
-        n: optimizer.state[p]["projector"] for n, p in model.named_parameters() if "attention" in n
+        n: optimizer.state[p]["projector"]
+        for n, p in model.named_parameters()
+        if ".attention." in n
     }
 
 
