@@ -1,6 +1,7 @@
 """GaLore / GaLore+ against their references: the galore-torch package, dense Adam, the exact
 SVD, and the single-process run of the same model for every parallel layout."""
 
+import dataclasses
 import functools
 import io
 import math
@@ -366,18 +367,11 @@ def test_gradient_accumulation_applies_one_update_per_step():
 
 # --- through checkpoints --------------------------------------------------------------------------
 
-CHECKPOINTED = OptimConfig(
-    name="galore_plus",
-    lr=1e-3,
-    warmup_steps=2,
-    galore=GaLoreConfig(
-        rank=8,
-        update_proj_gap=3,
-        proj_type="reverse_std",  # bases along the sharded side of some tp=2 shards
-        moments="rotate",
-        density=0.05,
-        residual_warmup=1,
-    ),
+# the residuals setting (reverse_std puts the bases of some tp=2 shards along their sharded side),
+# refreshing at steps 1, 4 and 7 around a save at step 4
+_RESIDUALS = OPTIMS["galore_plus-residuals"]
+CHECKPOINTED = dataclasses.replace(
+    _RESIDUALS, galore=dataclasses.replace(_RESIDUALS.galore, update_proj_gap=3)
 )
 
 
