@@ -244,6 +244,12 @@ def _validate_galore(g: GaLoreConfig, plus: bool) -> None:
             )
     if g.rank is not None and g.rank < 0:
         raise ConfigError("optim.galore.rank", f"must be >= 0 (or null: by preset), got {g.rank}")
+    if g.rank == 0 and not (plus and g.density > 0):
+        raise ConfigError(
+            "optim.galore.rank",
+            "0 leaves the attention and MLP matrices without updates; use rank >= 1 (rank 0 "
+            "only makes sense with optim=galore_plus and optim.galore.density > 0)",
+        )
     _positive("optim.galore.update_proj_gap", g.update_proj_gap)
     for name in ("oversample", "power_iters", "heads", "residual_warmup"):
         if getattr(g, name) < 0:

@@ -102,6 +102,7 @@ def test_default_job_is_valid():
             "> 0",
         ),
         (["optim=galore", "optim.galore.rank=-1"], 1, "optim.galore.rank", "by preset"),
+        (["optim=galore", "optim.galore.rank=0"], 1, "optim.galore.rank", "density > 0"),
     ],
 )
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):

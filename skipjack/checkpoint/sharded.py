@@ -69,9 +69,10 @@ def model_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
 
 
 def _state_shard_dim(optimizer, p: torch.nn.Parameter, key: str, value) -> int | None:
-    """The dimension of optimizer state `value` split like `p` over its shard group (None: the
-    same on every rank of it). The optimizer says so (GaLore's bases and moments); otherwise a
-    tensor shaped like the parameter is split like it."""
+    """The dimension of optimizer state `value` that runs along `p`'s split dimension and is
+    split like it over its shard group (None: the same on every rank of it). The optimizer says
+    so (GaLore's bases and moments); otherwise a tensor shaped like the parameter is split like
+    it."""
     if hasattr(optimizer, "state_shard_dim"):
         return optimizer.state_shard_dim(p, key)
     spec = spec_of(p)
@@ -87,12 +88,11 @@ def _optimizer_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor):
                 dim = _state_shard_dim(training.optimizer, p, key, value)
             if dim is not None:
-                # the parameter's true global size where the state runs along it (padding
-                # dropped), else the shards side by side
+                # along `dim` the state runs along the parameter's split dimension: its global
+                # size is the parameter's true one (vocabulary padding dropped)
                 padded, shape = list(value.shape), list(value.shape)
                 padded[dim] *= spec.num_shards
-                along_param = value.shape[dim] == p.shape[spec.dim]
-                shape[dim] = parameter_shape(cfg, name)[spec.dim] if along_param else padded[dim]
+                shape[dim] = parameter_shape(cfg, name)[spec.dim]
                 value_spec = ShardSpec(tuple(padded), dim, spec.group, spec.num_shards, spec.index)
                 value = _global(value, value_spec, tuple(shape), dims)
             state[f"optim/{name}/{key}"] = value

@@ -227,6 +227,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _projection(self, p: torch.Tensor, group: dict) -> Projection:
         spec = spec_of(p)
+        if spec.sharded and spec.group not in self._groups:
+            raise ValueError(
+                f"GaLore: {self._names[p]} is sharded over the {spec.group!r} group; pass the "
+                "process groups (groups=dims.groups) so the basis is the whole matrix's"
+            )
         if len(spec.global_shape) != 2:
             raise ValueError(
                 f"GaLore projects matrices; {self._names[p]} has shape {spec.global_shape}"
@@ -262,7 +267,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def planned_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds once every parameter has stepped: for a
-        GaLore matrix m*r + 2*n*r elements (basis and two moments) plus two step counters."""
+        GaLore matrix 4 * (m*r + 2*n*r) (the basis along the projected side m, two r-sized
+        moments) plus two step counters; GaLore+ adds 16 bytes per sparse residual entry."""
         return sum(
             math.prod(shape) * dtype.itemsize
             for group in self.param_groups
@@ -290,15 +296,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
             )
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but every state tensor keeps its dtype (torch casts them all to the
-        parameter's: bf16 bases and moments, float residual indices)."""
+        """As torch's, but every state tensor keeps its saved dtype (torch casts all but `step`
+        to the parameter's: bf16 step counters, bases and moments, float residual indices) and
+        the step counters stay on the CPU."""
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
             p = params[index]
             for key, value in saved.items():
-                if isinstance(value, torch.Tensor) and not key.endswith("step"):
-                    self.state[p][key] = value.to(device=p.device)
+                if isinstance(value, torch.Tensor):
+                    device = "cpu" if key.endswith("step") else p.device
+                    self.state[p][key] = value.to(device=device, copy=True)
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -403,7 +411,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return failed
         try:
             basis = self._estimate(full, group, proj, self._generator(p, step))
-        except torch.linalg.LinAlgError:
+        except RuntimeError:  # LinAlgError, out of memory: never leave the group waiting
             return failed
         return basis.contiguous() if torch.isfinite(basis).all() else failed
 

@@ -95,7 +95,7 @@ class GaLorePlusAdamW(GaLoreAdamW):
         pg = self._groups.get(proj.spec.group) if proj.spec.sharded else None
         if step == group["residual_warmup"]:  # fix the entries the low-rank part misses most
             residual = grad - self._back(low, basis, proj)
-            whole = all_gather_full(residual, proj.spec, self._groups) if pg else residual
+            whole = residual if pg is None else all_gather_full(residual, proj.spec, self._groups)
             index.copy_(whole.flatten().abs().topk(index.numel()).indices.sort().values)
         mine, rows, cols = _local_entries(index, proj.spec)
         # the residual at those entries only: k dot products of length r, not a full product

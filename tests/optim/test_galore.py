@@ -1,6 +1,7 @@
 """GaLore / GaLore+ against their references: the galore-torch package, dense Adam, the exact
 SVD, and the single-process run of the same model for every parallel layout."""
 
+import copy
 import dataclasses
 import functools
 import io
@@ -103,6 +104,30 @@ def test_state_dict_holds_tensors_and_resumes_bitwise():
     resumed = _galore(second, **options)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))  # no pickled objects
     assert torch.equal(_run(resumed, second, grads[5:]), want)
+
+
+def test_loading_keeps_every_state_dtype_for_bf16_weights():
+    """torch's loader casts state to the parameter's dtype: bf16 step counters stop counting at
+    256 and bf16 residual indices lose entries. Ours keeps what was saved."""
+    p = torch.nn.Parameter(torch.randn(16, 12, dtype=torch.bfloat16))
+    optimizer = _galore(p, density=0.1)
+    _run(optimizer, p, [g.bfloat16() for g in _grads((16, 12), steps=2)])
+    saved = copy.deepcopy(optimizer.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = _galore(q, density=0.1)
+    resumed.load_state_dict(saved)
+    for key, value in optimizer.state[p].items():
+        assert resumed.state[q][key].dtype == value.dtype, key
+        assert torch.equal(resumed.state[q][key], value), key
+    assert resumed.state[q]["residual_index"].dtype == torch.int64
+    assert resumed.state[q]["moment_step"].dtype == torch.float32
+
+
+def test_a_sharded_weight_needs_its_process_group():
+    spec = ShardSpec((32, 24), dim=0, num_shards=2, index=0)
+    p = set_spec(torch.nn.Parameter(torch.zeros(16, 24)), spec)
+    with pytest.raises(ValueError, match="groups=dims.groups"):
+        GaLoreAdamW([{"params": [p], "rank": 4}])
 
 
 def test_plain_groups_are_adamw_and_decay_is_decoupled():
