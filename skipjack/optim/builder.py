@@ -50,19 +50,10 @@ def build_optimizer(
             eps=cfg.eps,
             fused=device.type == "cuda",
         )
-    g = cfg.galore
-    options = {
-        "rank": galore_rank(g, model_cfg),
-        "update_proj_gap": g.update_proj_gap,
-        "scale": g.scale,
-        "proj_type": g.proj_type,
-        "moments": g.moments,
-        "svd": g.svd,
-        "oversample": g.oversample,
-        "power_iters": g.power_iters,
-    }
-    if cfg.name == "galore_plus":
-        options.update(heads=g.heads, density=g.density, residual_warmup=g.residual_warmup)
+    kind = GaLorePlusAdamW if cfg.name == "galore_plus" else GaLoreAdamW
+    g = cfg.galore  # the config's fields are the low-rank group's options
+    options = {key: getattr(g, key) for key in kind.low_rank_defaults}
+    options["rank"] = galore_rank(g, model_cfg)
     low_rank = [p for n, p in named if p.ndim == 2 and LOW_RANK.search(n)]
     chosen = set(low_rank)
     others = [p for _, p in named if p.ndim >= 2 and p not in chosen]
@@ -71,7 +62,6 @@ def build_optimizer(
         {"params": others, "weight_decay": cfg.weight_decay},
         vectors,
     ]
-    kind = GaLorePlusAdamW if cfg.name == "galore_plus" else GaLoreAdamW
     return kind(
         [group for group in param_groups if group["params"]],
         lr=cfg.lr,

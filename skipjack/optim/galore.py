@@ -40,22 +40,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from skipjack.config import GALORE_CHOICES, GaLoreConfig
 from skipjack.parallel.shard_spec import ShardSpec, all_gather_full, spec_of
 
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
-MOMENTS = ("keep", "reset", "rotate")
-SVD_METHODS = ("exact", "rsi")
-
-# the options of a low-rank parameter group, with the paper's defaults
-LOW_RANK_DEFAULTS = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "moments": "keep",
-    "svd": "exact",
-    "oversample": 8,
-    "power_iters": 1,
-}
+# the options of a low-rank parameter group, with their defaults from the config schema
+_SCHEMA = GaLoreConfig()
+_OPTIONS = ("update_proj_gap", "scale", "proj_type", "moments", "svd", "oversample", "power_iters")
+LOW_RANK_DEFAULTS = {key: getattr(_SCHEMA, key) for key in _OPTIONS}
 
 
 def top_subspace(
@@ -219,7 +210,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._warned = False
 
     def _check(self, group: dict) -> None:
-        for key, allowed in (("proj_type", PROJ_TYPES), ("moments", MOMENTS), ("svd", SVD_METHODS)):
+        for key, allowed in GALORE_CHOICES.items():
             if group[key] not in allowed:
                 raise ValueError(f"GaLore {key}={group[key]!r}: use one of {', '.join(allowed)}")
         if group["rank"] < 0 or group["update_proj_gap"] < 1:
@@ -385,8 +376,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _refresh(self, p, grad, group: dict, state: dict, step: int) -> None:
         proj = self._projections[p]
         spec = proj.spec
-        pg = self._groups.get(spec.group) if spec.sharded else None
-        full = all_gather_full(grad, spec, self._groups) if pg is not None else grad
+        pg = self._groups[spec.group] if spec.sharded else None
+        full = all_gather_full(grad, spec, self._groups)
         dim = full.shape[proj.basis_dim]
         if pg is None or dist.get_rank(pg) == 0:
             basis = self._checked_estimate(p, full, group, proj, step)

@@ -24,10 +24,15 @@ import math
 import torch
 import torch.distributed as dist
 
+from skipjack.config import GaLoreConfig
 from skipjack.optim.galore import LOW_RANK_DEFAULTS, GaLoreAdamW, Projection, adam_direction
 from skipjack.parallel.shard_spec import ShardSpec, all_gather_full
 
-GALORE_PLUS_DEFAULTS = {**LOW_RANK_DEFAULTS, "heads": 0, "density": 0.0, "residual_warmup": 0}
+_SCHEMA = GaLoreConfig()
+GALORE_PLUS_DEFAULTS = {
+    **LOW_RANK_DEFAULTS,
+    **{key: getattr(_SCHEMA, key) for key in ("heads", "density", "residual_warmup")},
+}
 
 
 def sampled_heads(n_heads: int, wanted: int, head_dim: int, rank: int, gen) -> torch.Tensor:
@@ -72,7 +77,7 @@ class GaLorePlusAdamW(GaLoreAdamW):
     # --- sparse residuals -------------------------------------------------------------------
 
     def _residual_count(self, p: torch.Tensor, group: dict) -> int:
-        if group.get("density", 0) <= 0 or p not in self._projections:
+        if p not in self._projections or group["density"] <= 0:
             return 0
         return math.ceil(group["density"] * math.prod(self._projections[p].spec.global_shape))
 
@@ -92,7 +97,7 @@ class GaLorePlusAdamW(GaLoreAdamW):
         if "residual_index" not in state or step < group["residual_warmup"]:
             return update
         proj, basis, index = self._projections[p], state["projector"], state["residual_index"]
-        pg = self._groups.get(proj.spec.group) if proj.spec.sharded else None
+        pg = self._groups[proj.spec.group] if proj.spec.sharded else None
         if step == group["residual_warmup"]:  # fix the entries the low-rank part misses most
             residual = grad - self._back(low, basis, proj)
             whole = residual if pg is None else all_gather_full(residual, proj.spec, self._groups)
