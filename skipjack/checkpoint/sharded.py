@@ -160,23 +160,31 @@ def check_model(directory: str, expected: dict[str, tuple[int, ...]]) -> None:
         for key, md in metadata.items()
         if key.startswith("model/") and isinstance(md, TensorStorageMetadata)
     }
-    for name, shape in expected.items():
-        if name not in saved:
-            raise CheckpointError(
-                f"{directory}: has no parameter {name} (shape {shape} in this run); the "
-                "checkpoint was written by a different model config"
-            )
-        if saved[name] != shape:
-            raise CheckpointError(
-                f"{directory}: parameter {name} has shape {saved[name]} in the checkpoint but "
-                f"{shape} in this run; use the model config the checkpoint was written with"
-            )
+    _check_shapes(directory, saved, expected)
     extra = sorted(set(saved) - set(expected))
     if extra and dist.get_world_size() == 1:  # with pp > 1 a rank holds only its stages
         raise CheckpointError(
             f"{directory}: parameter {extra[0]} is in the checkpoint but not in this run's "
             "model; use the model config the checkpoint was written with"
         )
+
+
+def _check_shapes(
+    source: str, saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Raise CheckpointError naming the first parameter of this run that `source` lacks or
+    holds in another shape."""
+    for name, shape in expected.items():
+        if name not in saved:
+            raise CheckpointError(
+                f"{source}: has no parameter {name} (shape {shape} in this run); the "
+                "checkpoint was written by a different model config"
+            )
+        if saved[name] != shape:
+            raise CheckpointError(
+                f"{source}: parameter {name} has shape {saved[name]} in the checkpoint but "
+                f"{shape} in this run; use the model config the checkpoint was written with"
+            )
 
 
 def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup) -> dict:
@@ -212,16 +220,9 @@ def load_model(training, dims: ParallelDims, source: str, group: dist.ProcessGro
     expected = {name: parameter_shape(cfg, name) for name, _ in params}
     if hf.is_hf_dir(source):
         _, tensors = hf.read(source)
-        for name, shape in expected.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape) if name in tensors else "nothing"
-                raise CheckpointError(
-                    f"{source}: parameter {name} is {got}, this run needs {shape}"
-                )
+        _check_shapes(source, {name: tuple(t.shape) for name, t in tensors.items()}, expected)
         with torch.no_grad():
             for name, p in params:
-                if name == "output.weight" and name not in tensors:  # tied in the source
-                    name = "tok_embeddings.weight"
                 p.copy_(spec_of(p).shard(tensors[name]))
         return
     check_model(source, expected)
