@@ -36,6 +36,7 @@ from skipjack.optim.builder import LOW_RANK, build_optimizer, galore_rank, plann
 from skipjack.optim.galore import GaLoreAdamW, top_subspace
 from skipjack.optim.galore_plus import GaLorePlusAdamW
 from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, set_spec
+from skipjack.trainer.metrics import read_metrics
 
 REFRESH_METHODS = {  # name -> (optimizer, group options for attention, for the MLP)
     "exact SVD (GaLore)": (GaLoreAdamW, {"svd": "exact"}, {"svd": "exact"}),
@@ -227,9 +228,7 @@ def bench_quality(steps: int, workdir: Path) -> list[dict]:
         started = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True, text=True)
         seconds = time.perf_counter() - started
-        records = [
-            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().split("\n") if line
-        ]
+        records = read_metrics(run_dir)
         last = [r for r in records if "val_loss" in r][-1]
         trained = [r for r in records if "optimizer_state_bytes" in r][-1]
         rows.append(

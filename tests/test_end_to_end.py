@@ -2,40 +2,22 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from skipjack.testing.cli import run_skipjack
+from skipjack.trainer.metrics import read_metrics
+
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def run(args, cwd, timeout=600):
-    result = subprocess.run(
-        args,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "120"},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_shortened_default_job_through_the_cli(tmp_path):
-    result = run([BIN / "skipjack", "train", "experiment=smoke", "logging.wandb=true"], tmp_path)
+    result = run_skipjack("train", "experiment=smoke", "logging.wandb=true", cwd=tmp_path)
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1
     run_dir = run_dirs[0]
-    rows = records(run_dir)
+    rows = read_metrics(run_dir)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 3 and val[-1] < val[0] - 1.0
     steps = [r for r in rows if "loss" in r]
@@ -54,24 +36,22 @@ def test_shortened_default_job_through_the_cli(tmp_path):
 
 def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
     common = ["experiment=smoke", "logging.plot=false", "checkpoint=sharded"]
-    run([BIN / "skipjack", "train", *common, "checkpoint.interval=20", "hydra.run.dir=a"], tmp_path)
+    run_skipjack("train", *common, "checkpoint.interval=20", "hydra.run.dir=a", cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*")) == [
         "step-0000020",
         "step-0000040",
     ]
     step20 = tmp_path / "a" / "checkpoints" / "step-0000020"
-    result = run(
-        [BIN / "skipjack", "train", *common, f"checkpoint.resume={step20}", "hydra.run.dir=b"],
-        tmp_path,
-    )
+    resume = f"checkpoint.resume={step20}"
+    result = run_skipjack("train", *common, resume, "hydra.run.dir=b", cwd=tmp_path)
     assert f"resumed from {step20} (step 20)" in result.stdout
-    straight = {r["step"]: r for r in records(tmp_path / "a") if "loss" in r}
-    resumed = {r["step"]: r for r in records(tmp_path / "b") if "loss" in r}
+    straight = {r["step"]: r for r in read_metrics(tmp_path / "a") if "loss" in r}
+    resumed = {r["step"]: r for r in read_metrics(tmp_path / "b") if "loss" in r}
     assert sorted(resumed) == list(range(21, 41))
     assert all(resumed[s]["loss"] == straight[s]["loss"] for s in resumed)
     assert resumed[40]["tokens"] == straight[40]["tokens"]
     # the same run directory again: `auto` finds step 40, the last step, and has nothing to do
-    again = run([BIN / "skipjack", "train", *common, "hydra.run.dir=a"], tmp_path)
+    again = run_skipjack("train", *common, "hydra.run.dir=a", cwd=tmp_path)
     assert "resumed from" in again.stdout and "(step 40)" in again.stdout
 
 
@@ -89,37 +69,31 @@ def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
 def test_launch_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     docs = [f"def f{i}(a, b):\n    return a * {i} + b  # doc {i}\n" * 20 for i in range(300)]
     (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    run(
-        [
-            BIN / "skipjack",
-            "preprocess",
-            "inputs=[corpus.jsonl]",
-            "output_prefix=data/corpus",
-            "tokenizer_vocab_size=512",
-        ],
-        tmp_path,
+    run_skipjack(
+        "preprocess",
+        "inputs=[corpus.jsonl]",
+        "output_prefix=data/corpus",
+        "tokenizer_vocab_size=512",
+        cwd=tmp_path,
     )
-    result = run(
-        [
-            BIN / "skipjack",
-            "train",
-            "launch=torchrun",
-            "launch.nproc_per_node=2",
-            *layout,
-            "data=indexed",
-            "data.paths=[data/corpus]",
-            "model.vocab_size=512",
-            "train.steps=12",
-            "train.val_interval=6",
-            "train.seq_len=64",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=2",
-            "logging.wandb=false",
-            "hydra.run.dir=run",
-        ],
-        tmp_path,
+    result = run_skipjack(
+        "train",
+        "launch=torchrun",
+        "launch.nproc_per_node=2",
+        *layout,
+        "data=indexed",
+        "data.paths=[data/corpus]",
+        "model.vocab_size=512",
+        "train.steps=12",
+        "train.val_interval=6",
+        "train.seq_len=64",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "logging.wandb=false",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
     )
-    rows = records(tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 3 and val[-1] < val[0]
     assert (tmp_path / "run" / "config.yaml").exists()

@@ -136,6 +136,12 @@ class Metrics:
         return plot_losses(self.history, path, title)
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records a run wrote to `<run dir>/metrics.jsonl`, in order."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
 def _perplexity(loss: float) -> float:
     return float(torch.tensor(loss).exp()) if loss < 50 else float("inf")
 

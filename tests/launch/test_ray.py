@@ -1,20 +1,18 @@
 """launch=ray: a Ray Train job on a local Ray cluster with 2 CPU workers, end to end; a worker
 killed mid-run makes Ray restart the group, which resumes from the last skipjack checkpoint."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from skipjack.checkpoint.manager import complete_checkpoints
+from skipjack.testing.cli import BIN
+from skipjack.trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 
 def ray_workers() -> list[int]:
@@ -62,6 +60,5 @@ def test_ray_job_survives_a_killed_worker_by_resuming(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
     assert "resumed from" in output, output[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = sorted({r["step"] for r in rows if "loss" in r})
+    steps = sorted({r["step"] for r in read_metrics(run_dir) if "loss" in r})
     assert steps[-1] == 40 and "skipjack: done." in output

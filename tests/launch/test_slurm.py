@@ -22,8 +22,8 @@ import pytest
 
 from skipjack.config import LaunchConfig
 from skipjack.launch.slurm import batch_script, node_script
-
-BIN = Path(sys.executable).parent
+from skipjack.testing.cli import run_skipjack
+from skipjack.trainer.metrics import read_metrics
 
 
 def test_batch_script_asks_for_resources_and_runs_torchrun_once_per_node(tmp_path):
@@ -134,67 +134,50 @@ def slurm_cluster():
 
 @pytest.mark.slow
 def test_launch_slurm_runs_a_job_on_a_real_cluster(slurm_cluster, tmp_path):
-    result = subprocess.run(
-        [
-            BIN / "skipjack",
-            "train",
-            "launch=slurm",
-            "launch.nproc_per_node=2",
-            "parallel.dp=2",
-            "experiment=smoke",
-            "train.steps=6",
-            "train.val_interval=3",
-            "train.micro_batch_size=4",
-            "logging.plot=false",
-            "hydra.run.dir=run",
-        ],
+    result = run_skipjack(
+        "train",
+        "launch=slurm",
+        "launch.nproc_per_node=2",
+        "parallel.dp=2",
+        "experiment=smoke",
+        "train.steps=6",
+        "train.val_interval=3",
+        "train.micro_batch_size=4",
+        "logging.plot=false",
+        "hydra.run.dir=run",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     job = re.search(r"submitted job (\d+)", result.stdout).group(1)
     wait_for(job, 600)
     run_dir = tmp_path / "run"
     log = (run_dir / f"slurm-{job}.out").read_text()
     assert "skipjack: done." in log, log[-3000:]
     assert "dp=2" in log
-    steps = [
-        line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
-    ]
-    assert len(steps) == 6
+    assert sum("loss" in r for r in read_metrics(run_dir)) == 6
     ranks = sorted(p.parent.name for p in (run_dir / "logs").rglob("stdout.log"))
     assert ranks == ["0", "1"]
 
 
 @pytest.mark.slow
 def test_hydra_sweep_goes_to_slurm_through_submitit(slurm_cluster, tmp_path):
-    result = subprocess.run(
-        [
-            BIN / "skipjack",
-            "train",
-            "-m",
-            "hydra/launcher=submitit_slurm",
-            "hydra.launcher.partition=debug",
-            "hydra.launcher.timeout_min=10",
-            "hydra.sweep.dir=sweep",
-            "experiment=smoke",
-            "train.steps=4",
-            "train.val_interval=2",
-            "logging.plot=false",
-            "logging.progress=false",
-            "optim.lr=1e-3,3e-3",
-        ],
+    run_skipjack(
+        "train",
+        "-m",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.partition=debug",
+        "hydra.launcher.timeout_min=10",
+        "hydra.sweep.dir=sweep",
+        "experiment=smoke",
+        "train.steps=4",
+        "train.val_interval=2",
+        "logging.plot=false",
+        "logging.progress=false",
+        "optim.lr=1e-3,3e-3",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
-        rows = (tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()
-        assert sum('"loss"' in row for row in rows) == 4
+        assert sum("loss" in r for r in read_metrics(tmp_path / "sweep" / job)) == 4
 
 
 @pytest.mark.slow
@@ -213,5 +196,4 @@ def test_srun_tasks_find_their_ranks_without_a_launcher(slurm_cluster, tmp_path)
     wait_for(job, 300)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert "dp=2" in log and log.count("skipjack: done.") == 1, log[-3000:]
-    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert sum('"loss"' in row for row in rows) == 4
+    assert sum("loss" in r for r in read_metrics(tmp_path / "run")) == 4
