@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from skipjack.atomic import replacing
 from skipjack.checkpoint.manager import CheckpointManager, step_dir
 from skipjack.checkpoint.sharded import full_state, load
 from skipjack.config import CheckpointConfig, ParallelConfig, TrainConfig, TrainJobConfig
@@ -109,8 +110,8 @@ def main() -> None:
     for _ in range(args.saves):
         start = time.perf_counter()
         gathered = {"model": training.model.state_dict(), "optim": training.optimizer.state_dict()}
-        torch.save(gathered, root / "torch.pt.tmp")
-        (root / "torch.pt.tmp").replace(root / "torch.pt")
+        with replacing(root / "torch.pt") as tmp:
+            torch.save(gathered, tmp)
         blocked.append(time.perf_counter() - start)
     start = time.perf_counter()
     loaded = torch.load(root / "torch.pt", weights_only=True)

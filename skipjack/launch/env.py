@@ -17,6 +17,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# a SLURM job's rendezvous port: SLURM_PORT_BASE + job id % SLURM_PORT_BASE, the same in every
+# task of the job without talking (srun tasks here, node.sh's torchrun in launch/slurm.py)
+SLURM_PORT_BASE = 20000
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -72,7 +76,7 @@ def discover(environ: Mapping[str, str] | None = None) -> RankInfo:
             int(env.get("SLURM_LOCALID", "0")),
             int(env["SLURM_NTASKS"]),
             expand_hostlist(nodes)[0],
-            20000 + job % 20000,
+            SLURM_PORT_BASE + job % SLURM_PORT_BASE,
         )
     return RankInfo("single")
 

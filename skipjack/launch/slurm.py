@@ -21,6 +21,7 @@ from pathlib import Path
 
 from skipjack.atomic import write_text
 from skipjack.config import LaunchConfig
+from skipjack.launch.env import SLURM_PORT_BASE
 from skipjack.launch.torchrun import child_overrides
 
 
@@ -61,7 +62,8 @@ def node_script(launch: LaunchConfig, run_dir: Path, overrides: list[str]) -> st
 set -euo pipefail
 exec {shlex.quote(sys.executable)} -m torch.distributed.run \\
     --nnodes="$SLURM_NNODES" --nproc-per-node={launch.nproc_per_node} \\
-    --rdzv-backend=c10d --rdzv-endpoint="$SKIPJACK_HEAD:$((20000 + SLURM_JOB_ID % 20000))" \\
+    --rdzv-backend=c10d \\
+    --rdzv-endpoint="$SKIPJACK_HEAD:$(({SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_BASE}))" \\
     --rdzv-id="$SLURM_JOB_ID" --max-restarts={launch.max_restarts} \\
     --log-dir={logs}/node-"$SLURM_NODEID" --tee=3 --local-ranks-filter=0 \\
     {shlex.join(train[1:])}
