@@ -44,13 +44,12 @@ def _launch(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from skipjack.config import apply_microbatches, validate
+    from skipjack.config import validate
     from skipjack.launch import slurm, torchrun
 
     job = OmegaConf.to_object(cfg)
     la = job.launch
     world = la.num_workers if la.name == "ray" else la.nodes * la.nproc_per_node
-    apply_microbatches(job, world)
     validate(job, world)
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)

@@ -359,7 +359,9 @@ def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:
 
 
 def validate(cfg: TrainJobConfig, world_size: int) -> None:
-    """Check a resolved train config against the world it will run in. Raises ConfigError."""
+    """Check a resolved train config against the world it will run in, after deriving
+    train.micro_batch_size from parallel.microbatches when that is set. Raises ConfigError."""
+    apply_microbatches(cfg, world_size)
     validate_model(cfg.model)
     t, p = cfg.train, cfg.parallel
     for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "val_interval"):

@@ -25,7 +25,6 @@ from skipjack.config import (
     ConfigError,
     ModelConfig,
     TrainJobConfig,
-    apply_microbatches,
     resolve_dp,
     validate,
 )
@@ -198,7 +197,6 @@ def train(cfg: DictConfig) -> dict:
     if job.model.init_from:
         job.model = init_model_config(job.model)
     world = discover().world_size
-    apply_microbatches(job, world)
     validate(job, world)
     device = device_for_rank(t.device)
     rank, world = init_distributed(device)
