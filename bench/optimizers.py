@@ -36,6 +36,7 @@ from skipjack.optim.builder import LOW_RANK, build_optimizer, galore_rank, plann
 from skipjack.optim.galore import GaLoreAdamW, top_subspace
 from skipjack.optim.galore_plus import GaLorePlusAdamW
 from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, set_spec
+from skipjack.testing.cli import compose_job
 from skipjack.trainer.metrics import read_metrics
 
 REFRESH_METHODS = {  # name -> (optimizer, group options for attention, for the MLP)
@@ -138,7 +139,7 @@ def _reference_galore(model: torch.nn.Module, rank: int):
     groups = [
         {"params": low, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
         {"params": rest},
-    ]  # the same weight decay as the others (OptimConfig's), on every parameter
+    ]  # the same weight decay as the shipped configs', on every parameter
     return Reference(groups, lr=1e-3, weight_decay=0.1, no_deprecation_warning=True)
 
 
@@ -160,9 +161,9 @@ def _optimizer(label: str, model: torch.nn.Module, cfg, rank: int) -> torch.opti
     if label == "galore-torch":
         return _reference_galore(model, rank)
     optim = {
-        "AdamW (torch)": OptimConfig(),
-        "skipjack GaLore": OptimConfig(name="galore"),
-        "skipjack GaLore+": _plus_config(),
+        "AdamW (torch)": compose_job().optim,
+        "skipjack GaLore": compose_job("optim=galore").optim,
+        "skipjack GaLore+": compose_job("optim=galore_plus").optim,
     }[label]
     return build_optimizer(model, optim, torch.device("cpu"), cfg)
 
@@ -205,14 +206,6 @@ def bench_step(presets: list[str], plain_steps: int = 7) -> list[dict]:
             )
             print(rows[-1], flush=True)
     return rows
-
-
-def _plus_config() -> OptimConfig:
-    """optim=galore_plus as shipped (configs/optim/galore_plus.yaml)."""
-    cfg = OptimConfig(name="galore_plus")
-    g = cfg.galore
-    g.svd, g.heads, g.density, g.residual_warmup = "rsi", 1, 0.005, 10
-    return cfg
 
 
 def bench_quality(steps: int, workdir: Path) -> list[dict]:

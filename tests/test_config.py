@@ -2,28 +2,19 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from skipjack.config import (
     ConfigError,
     TrainJobConfig,
     apply_microbatches,
-    register_configs,
     validate,
 )
-
-
-def job(*overrides, world_size=1):
-    register_configs()
-    with initialize_config_module("skipjack.configs", version_base="1.3"):
-        # outside a Hydra run there is no run dir to interpolate
-        cfg = compose("train", overrides=["train.output_dir=unused", *overrides])
-    return OmegaConf.to_object(cfg)
+from skipjack.testing.cli import compose_job
 
 
 def test_default_job_is_valid():
-    cfg = job()
+    cfg = compose_job()
     assert isinstance(cfg, TrainJobConfig) and cfg.model.name == "tiny"
     validate(cfg, 1)
 
@@ -106,7 +97,7 @@ def test_default_job_is_valid():
     ],
 )
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
-    cfg = job(*overrides)
+    cfg = compose_job(*overrides)
     with pytest.raises(ConfigError) as err:
         validate(cfg, world)
     assert err.value.field_name == field
@@ -114,7 +105,7 @@ def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
 
 
 def test_microbatches_decide_the_micro_batch_size():
-    cfg = job("parallel.microbatches=4", "train.global_batch_size=16")
+    cfg = compose_job("parallel.microbatches=4", "train.global_batch_size=16")
     apply_microbatches(cfg, 2)  # dp=2: 2 replicas x 4 micro-batches of 2 sequences
     assert cfg.train.micro_batch_size == 2
     validate(cfg, 2)
@@ -124,9 +115,9 @@ def test_unknown_keys_and_presets_are_refused_by_the_schema():
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     with pytest.raises(MissingConfigException, match="model/llama_7m"):
-        job("model=llama_7m")
+        compose_job("model=llama_7m")
     with pytest.raises(ConfigCompositionException, match="stepz"):
-        job("train.stepz=5")
+        compose_job("train.stepz=5")
 
 
 def cli(*args, **kw):

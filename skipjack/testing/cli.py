@@ -1,4 +1,5 @@
-"""`skipjack` run as a user runs it, for end-to-end tests."""
+"""`skipjack` as a user runs it, for tests and benchmarks: the job the CLI composes, and the
+command itself."""
 
 from __future__ import annotations
 
@@ -7,7 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from skipjack.config import TrainJobConfig, register_configs
+
 BIN = Path(sys.executable).parent  # this environment's scripts: skipjack, torchrun
+
+
+def compose_job(*overrides: str) -> TrainJobConfig:
+    """The job `skipjack train <overrides>` would run, composed from skipjack/configs."""
+    register_configs()
+    with initialize_config_module("skipjack.configs", version_base="1.3"):
+        # outside a Hydra run there is no run dir to interpolate
+        cfg = compose("train", overrides=["train.output_dir=unused", *overrides])
+    return OmegaConf.to_object(cfg)
 
 
 def run_skipjack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
