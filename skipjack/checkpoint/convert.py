@@ -18,7 +18,7 @@ from pathlib import Path
 
 from skipjack.atomic import replacing_dir
 from skipjack.checkpoint import hf
-from skipjack.checkpoint.manager import marked_model, verify, write_marker
+from skipjack.checkpoint.marker import marked_model, verify, write_marker
 from skipjack.checkpoint.sharded import CheckpointError, read_model, write_model
 from skipjack.config import ConfigError, ModelConfig
 

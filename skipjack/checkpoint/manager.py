@@ -1,24 +1,23 @@
 """Checkpoint policy: when to save, where, which directories are complete, what to resume from.
 
 `<checkpoint.dir>/step-0000120/` holds one checkpoint: DCP's files and, written last, the marker
-`checkpoint.json` (step, layout, and the size and SHA-256 of every file). A directory without the
-marker is never loaded, so a crash in the middle of a save leaves the previous checkpoints as
-they were; a save into a step's directory first removes what an interrupted save left there.
-At most one save is in flight: the next one waits for it. Rank 0 hashes the files and writes the
-marker in the background, then keeps the newest `keep_last` complete checkpoints.
+`checkpoint.json` (step, layout, and the size and checksum of every file; checkpoint/marker.py).
+A directory without the marker is never loaded, so a crash in the middle of a save leaves the
+previous checkpoints as they were; a save into a step's directory first removes what an
+interrupted save left there. At most one save is in flight: the next one waits for it. Once the
+files are written, every rank hashes its own files in its background thread, rank 0 gathers the
+digests, checks that every file the metadata names is there, writes the marker and keeps the
+newest `keep_last` complete checkpoints.
 
 Resume (`checkpoint.resume`): `none`; `auto`, the newest complete checkpoint under
 `checkpoint.dir` (a run without one starts fresh); or a path, either a run directory (its
-`checkpoints/`, or itself, holds `step-*`) or one `step-*` directory. Rank 0 verifies the marker
-and every checksum; under `auto` a checkpoint that fails falls back to the previous one with a
-warning, an explicit path fails with an error naming the file.
+`checkpoints/`, or itself, holds `step-*`) or one `step-*` directory. Every rank verifies its
+share of the checksums; under `auto` a checkpoint that fails falls back to the previous one with
+a warning, an explicit path fails with an error naming the file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,69 +25,20 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from skipjack.atomic import write_text
+from skipjack.checkpoint.marker import (
+    complete_checkpoints,
+    digests,
+    own_files,
+    verify,
+    write_marker,
+)
 from skipjack.checkpoint.sharded import CheckpointError, Saving, full_state, load, save_async
-from skipjack.config import CheckpointConfig, ModelConfig, RopeScalingConfig
+from skipjack.config import CheckpointConfig, ModelConfig
 from skipjack.parallel.dims import ParallelDims
-
-MARKER = "checkpoint.json"
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_marker(directory: Path, step: int, layout: dict, model: ModelConfig) -> None:
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MARKER
-    }
-    info = {"step": step, "layout": layout, "model": dataclasses.asdict(model), "files": files}
-    write_text(directory / MARKER, json.dumps(info, indent=1))
-
-
-def marked_model(directory: Path) -> ModelConfig:
-    """The model config a checkpoint was written with (from its marker)."""
-    fields = json.loads((directory / MARKER).read_text())["model"]
-    if fields.get("rope_scaling"):
-        fields["rope_scaling"] = RopeScalingConfig(**fields["rope_scaling"])
-    return ModelConfig(**fields)
-
-
-def verify(directory: Path) -> int:
-    """The step of a complete, intact checkpoint; raises CheckpointError naming the problem."""
-    marker = directory / MARKER
-    if not marker.is_file():
-        raise CheckpointError(f"{directory}: incomplete (no {MARKER}); the save did not finish")
-    info = json.loads(marker.read_text())
-    for name, expected in info["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing; the checkpoint is damaged")
-        if path.stat().st_size != expected["bytes"]:
-            raise CheckpointError(
-                f"{path}: {path.stat().st_size} bytes, expected {expected['bytes']}; "
-                "the file is truncated or was changed"
-            )
-        if _sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"{path}: checksum mismatch; the file is corrupted")
-    return int(info["step"])
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Step directories with a marker, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
 
 
 def _candidates(resume: str, root: Path) -> tuple[list[Path], bool]:
@@ -118,38 +68,48 @@ class CheckpointManager:
         self.lead = lead
         self.group = dims.group("checkpoint")
         self.layout = {"dp": dims.dp, "pp": dims.pp, "tp": dims.tp}
-        self._pending: tuple[Saving, Future | None] | None = None
+        self._pending: tuple[Saving, Future] | None = None
         self.restored_from: Path | None = None
-        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="skipjack-ckpt") if lead else None
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="skipjack-ckpt")
 
     # -- resume ----------------------------------------------------------------------------
 
     def find(self) -> Path | None:
-        """The verified checkpoint to resume from, chosen by rank 0 and told to every rank."""
-        choice: list = [None]
+        """The checkpoint to resume from: rank 0 lists the candidates, every rank verifies its
+        share of each, and the first that passes on all ranks is chosen (on all ranks)."""
+        listed: list = [None]
         if self.lead:
             try:
-                choice[0] = self._choose()
+                listed[0] = _candidates(self.cfg.resume, self.root)
             except CheckpointError as e:
-                choice[0] = e
-        dist.broadcast_object_list(choice, src=0, group=self.group)
-        if isinstance(choice[0], CheckpointError):
-            raise choice[0]
-        return choice[0]
-
-    def _choose(self) -> Path | None:
-        candidates, fallback = _candidates(self.cfg.resume, self.root)
+                listed[0] = e
+        dist.broadcast_object_list(listed, group=self.group, group_src=0)
+        if isinstance(listed[0], CheckpointError):
+            raise listed[0]
+        candidates, fallback = listed[0]
         for directory in candidates:
-            try:
-                verify(directory)
+            problem = self._verify_on_every_rank(directory)
+            if problem is None:
                 return directory
-            except CheckpointError as e:
-                if not fallback:
-                    raise
-                warnings.warn(f"skipjack: skipping checkpoint: {e}", stacklevel=2)
+            if not fallback:
+                raise CheckpointError(problem)
+            if self.lead:
+                warnings.warn(f"skipjack: skipping checkpoint: {problem}", stacklevel=2)
         if candidates:
             raise CheckpointError(f"no intact checkpoint among {[str(c) for c in candidates]}")
         return None
+
+    def _verify_on_every_rank(self, directory: Path) -> str | None:
+        """The first problem any rank finds in its share of `directory`'s files, or None."""
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        try:
+            verify(directory, rank, world)
+            problem = None
+        except CheckpointError as e:
+            problem = str(e)
+        problems: list = [None] * world
+        dist.all_gather_object(problems, problem, group=self.group)
+        return next((p for p in problems if p is not None), None)
 
     def restore(self, training, loader) -> dict | None:
         """Load the checkpoint to resume from into `training` and the data position into
@@ -179,14 +139,30 @@ class CheckpointManager:
         dist.barrier(group=self.group)
         state = full_state(training, self.dims, trainer, loader)
         saving = save_async(state, str(directory), self.group)
-        finished = None
-        if self.lead:
-            finished = self._finisher.submit(self._finish, saving, directory, step)
-        self._pending = (saving, finished)
+        self._pending = (saving, self._finisher.submit(self._finish, saving, directory, step))
 
     def _finish(self, saving: Saving, directory: Path, step: int) -> None:
-        saving.written.result()  # rank 0's save completes after every rank's files are written
-        write_marker(directory, step, self.layout, self.model)
+        """This rank's background work once the files are written: hash the files it wrote;
+        rank 0 gathers the digests, writes the marker (only if every file the metadata names is
+        there) and prunes; every rank learns whether that worked."""
+        saving.written.result()  # completes on every rank after all files and .metadata exist
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        mine = digests(directory, own_files(directory, rank, world))
+        gathered: list | None = [None] * world if self.lead else None
+        dist.gather_object(mine, gathered, group=self.group, group_dst=0)
+        outcome: list = [None]
+        if self.lead:
+            try:
+                files = {name: d for part in gathered for name, d in part.items()}
+                write_marker(directory, step, self.layout, self.model, files)
+                self._prune()
+            except Exception as e:  # any failure must reach every rank, not leave them waiting
+                outcome[0] = e if isinstance(e, CheckpointError) else CheckpointError(repr(e))
+        dist.broadcast_object_list(outcome, group=self.group, group_src=0)
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _prune(self) -> None:
         complete = complete_checkpoints(self.root)
         for old in complete[: max(0, len(complete) - self.cfg.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -197,16 +173,15 @@ class CheckpointManager:
             self._pending[0].wait_staged()
 
     def wait(self) -> None:
-        """Block until the save in flight is written (and, on rank 0, marked complete)."""
+        """Block until the save in flight is written and marked complete; raises the
+        CheckpointError of a save that could not be completed."""
         if self._pending is None:
             return
         saving, finished = self._pending
         self._pending = None
         saving.written.result()
-        if finished is not None:
-            finished.result()
+        finished.result()
 
     def close(self) -> None:
         self.wait()
-        if self._finisher is not None:
-            self._finisher.shutdown()
+        self._finisher.shutdown()

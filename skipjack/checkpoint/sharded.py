@@ -151,6 +151,24 @@ def save(state: dict, directory: str, group: dist.ProcessGroup) -> None:
     dcp.save(state, checkpoint_id=directory, process_group=group)
 
 
+def data_files(directory: str) -> list[str]:
+    """The data files DCP's `.metadata` says the checkpoint in `directory` is stored in."""
+    try:
+        metadata = dcp.FileSystemReader(directory).read_metadata()
+    except Exception as e:  # missing, truncated or not a pickle: each its own exception type
+        raise CheckpointError(
+            f"{directory}/.metadata: unreadable ({type(e).__name__}: {e}); the checkpoint is "
+            "damaged"
+        ) from e
+    return sorted({info.relative_path for info in metadata.storage_data.values()})
+
+
+def files_written_by(names: list[str], rank: int) -> list[str]:
+    """Those of `names` that `rank` of the saving group wrote: DCP's file system writer gives
+    each rank's files the prefix `__<rank>_`."""
+    return [name for name in names if name.startswith(f"__{rank}_")]
+
+
 def check_model(directory: str, expected: dict[str, tuple[int, ...]]) -> None:
     """Raise CheckpointError naming the first parameter whose shape differs between the
     checkpoint and this run (or that one of them lacks)."""

@@ -46,9 +46,12 @@ from skipjack.trainer.metrics import Metrics
 from skipjack.trainer.pipeline import build_pipeline
 
 
-def count_targets(micro: list[MicroBatch], group: dist.ProcessGroup) -> torch.Tensor:
-    """Target tokens of the whole global batch (all micro-batches, all replicas)."""
-    n = torch.tensor(float(sum(int((labels != -100).sum()) for _, labels in micro)))
+def count_targets(
+    micro: list[MicroBatch], group: dist.ProcessGroup, device: torch.device
+) -> torch.Tensor:
+    """Target tokens of the whole global batch (all micro-batches, all replicas), counted on
+    `device`: NCCL reduces CUDA tensors only."""
+    n = torch.tensor(float(sum(int((labels != -100).sum()) for _, labels in micro)), device=device)
     dist.all_reduce(n, group=group)
     return n
 
@@ -96,7 +99,7 @@ def forward_backward(
 ) -> float:
     """Accumulate the gradient of the global mean loss over micro-batches, pipeline stages and
     replicas; returns that loss."""
-    n_targets = count_targets(micro, groups["dp"]).to(device)
+    n_targets = count_targets(micro, groups["dp"], device)
     loss_sum = runtime.run(micro, n_targets)
     sync_partial_grads([p for c in runtime.chunks for p in c.parameters()], groups)
     grad_sync.all_reduce()
@@ -113,7 +116,7 @@ def evaluate(
     of one batch), all replicas."""
     for chunk in runtime.chunks:
         chunk.eval()
-    n_targets = count_targets([mb for micro in batches for mb in micro], groups["dp"]).to(device)
+    n_targets = count_targets([mb for micro in batches for mb in micro], groups["dp"], device)
     loss_sum = sum(runtime.run(micro, n_targets, forward_only=True) for micro in batches)
     for chunk in runtime.chunks:
         chunk.train()
@@ -162,11 +165,15 @@ def train_step(
     return loss, lr, grad_norm
 
 
-def _broadcast_run_dir(cfg: TrainJobConfig) -> Path:
-    """Rank 0's output directory, the one every rank writes into."""
-    holder = [cfg.train.output_dir]
-    dist.broadcast_object_list(holder, src=0)
-    run_dir = Path(holder[0])
+def agree_run_dir(cfg: DictConfig) -> Path:
+    """Make rank 0's run directory (absolute) `train.output_dir` on every rank, before anything
+    derived from it (checkpoint.dir, logs, metrics, plots) is resolved: a launcher's other ranks
+    may have composed their own (torchrun's or srun's ranks > 0 run with `hydra.run.dir=.`), and
+    a path that differs between ranks splits one checkpoint over two directories."""
+    chosen = [str(Path(cfg.train.output_dir).resolve()) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    cfg.train.output_dir = chosen[0]
+    run_dir = Path(chosen[0])
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -190,22 +197,28 @@ def _wandb_run(cfg: TrainJobConfig, run_dir: Path, resolved: dict):
     )
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run a training job; returns a summary (run dir, first/last validation loss, outputs)."""
+def _checked_job(cfg: DictConfig, world: int) -> TrainJobConfig:
+    """The typed job of `cfg` for a world of `world` ranks, checked (raises ConfigError)."""
     job: TrainJobConfig = OmegaConf.to_object(cfg)
-    t = job.train
     if job.model.init_from:
         job.model = init_model_config(job.model)
-    world = discover().world_size
     validate(job, world)
-    device = device_for_rank(t.device)
+    return job
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run a training job; returns a summary (run dir, first/last validation loss, outputs)."""
+    job = _checked_job(cfg, discover().world_size)
+    device = device_for_rank(job.train.device)
     rank, world = init_distributed(device)
+    run_dir = agree_run_dir(cfg)
+    job = _checked_job(cfg, world)  # again: every path now from rank 0's run directory
+    t = job.train
     dims = ParallelDims(
         dp=resolve_dp(job.parallel, world), pp=job.parallel.pp, tp=job.parallel.tp, rank=rank
     ).build_groups(device.type)
     groups = dims.groups
     lead = rank == 0
-    run_dir = _broadcast_run_dir(job)
     if lead:
         _write_config(cfg, run_dir)
 

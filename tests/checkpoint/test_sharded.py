@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from skipjack.checkpoint.manager import MARKER, complete_checkpoints, verify
+from skipjack.checkpoint.marker import MARKER, complete_checkpoints, verify
 from skipjack.checkpoint.sharded import CheckpointError
 from skipjack.parallel.dims import init_distributed
 from skipjack.testing import run_ranks

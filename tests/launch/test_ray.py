@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from skipjack.checkpoint.manager import complete_checkpoints
+from skipjack.checkpoint.marker import complete_checkpoints
 from skipjack.testing.cli import BIN
 from skipjack.trainer.metrics import read_metrics
 
