@@ -1,4 +1,5 @@
-"""The default job, shortened, through the CLI as a user runs it; and torchrun with 2 ranks."""
+"""The default job, shortened, through the CLI as a user runs it; torchrun with 2 ranks, started
+by skipjack and plain."""
 
 import json
 import os
@@ -6,7 +7,8 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from skipjack.testing.cli import run_skipjack
+from skipjack.checkpoint.marker import MARKER, complete_checkpoints, verify
+from skipjack.testing.cli import run_skipjack, run_under_torchrun
 from skipjack.trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -103,3 +105,42 @@ def test_launch_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     assert "MiB of state on rank 0" in result.stdout
     logs = sorted(p.parent.name for p in (tmp_path / "run" / "logs").rglob("stdout.log"))
     assert logs == ["0", "1"]
+
+
+PLAIN = [
+    *("experiment=smoke", "logging.plot=false", "logging.progress=false", "parallel.tp=2"),
+    *("train.steps=4", "train.val_interval=2", "checkpoint=sharded", "checkpoint.interval=2"),
+]
+
+
+@pytest.mark.parametrize("run_dir_given", [True, False], ids=["hydra.run.dir", "default-dir"])
+def test_plain_torchrun_saves_into_one_run_directory_and_resumes_bitwise(tmp_path, run_dir_given):
+    """`torchrun -m skipjack.cli train`, no skipjack launcher: every rank's shard lands in rank
+    0's run directory (none in the launch directory), the last step's checkpoint is complete and
+    verifies, and a resume continues the run bitwise."""
+
+    def train(name: str, *extra: str) -> tuple:
+        before = set(tmp_path.glob("outputs/*/*"))
+        where = [f"hydra.run.dir={name}"] if run_dir_given else []
+        result = run_under_torchrun("train", *PLAIN, *extra, *where, nproc=2, cwd=tmp_path)
+        if run_dir_given:
+            return tmp_path / name, result
+        (run_dir,) = set(tmp_path.glob("outputs/*/*")) - before
+        return run_dir, result
+
+    a, _ = train("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a" if run_dir_given else "outputs"]
+    saved = complete_checkpoints(a / "checkpoints")
+    assert [p.name for p in saved] == ["step-0000002", "step-0000004"]
+    for directory in saved:
+        assert verify(directory) == int(directory.name[5:])
+        files = json.loads((directory / MARKER).read_text())["files"]
+        assert any(name.startswith("__1_") for name in files)  # rank 1's shard, here
+    b, result = train("b", f"checkpoint.resume={saved[0]}")
+    assert f"resumed from {saved[0]} (step 2)" in result.stdout
+    straight = {r["step"]: r["loss"] for r in read_metrics(a) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(b) if "loss" in r}
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == straight[s] for s in resumed)
+    if run_dir_given:  # `auto` in the same run directory: the last step's checkpoint, verified
+        _, again = train("a")
+        assert f"resumed from {saved[1]} (step 4)" in again.stdout

@@ -27,8 +27,21 @@ def compose_job(*overrides: str) -> TrainJobConfig:
 
 def run_skipjack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`skipjack <args>` in `cwd`; asserts it exits 0, showing the end of its output if not."""
+    return _run([BIN / "skipjack", *args], cwd, timeout)
+
+
+def run_under_torchrun(
+    *args: str, nproc: int, cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node=<nproc> -m skipjack.cli <args>`: skipjack as any
+    launcher that sets the rank variables starts it, with no help from skipjack's launchers."""
+    torchrun = [BIN / "torchrun", "--standalone", f"--nproc-per-node={nproc}"]
+    return _run([*torchrun, "-m", "skipjack.cli", *args], cwd, timeout)
+
+
+def _run(cmd: list, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [BIN / "skipjack", *args],
+        cmd,
         cwd=cwd,
         capture_output=True,
         text=True,
