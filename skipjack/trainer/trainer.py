@@ -197,22 +197,22 @@ def _wandb_run(cfg: TrainJobConfig, run_dir: Path, resolved: dict):
     )
 
 
-def _checked_job(cfg: DictConfig, world: int) -> TrainJobConfig:
-    """The typed job of `cfg` for a world of `world` ranks, checked (raises ConfigError)."""
+def _checked_job(cfg: DictConfig, world: int) -> tuple[TrainJobConfig, str | None]:
+    """The typed job of `cfg` for a world of `world` ranks, checked (raises ConfigError), and
+    the notice of `validate` if any."""
     job: TrainJobConfig = OmegaConf.to_object(cfg)
     if job.model.init_from:
         job.model = init_model_config(job.model)
-    validate(job, world)
-    return job
+    return job, validate(job, world)
 
 
 def train(cfg: DictConfig) -> dict:
     """Run a training job; returns a summary (run dir, first/last validation loss, outputs)."""
-    job = _checked_job(cfg, discover().world_size)
+    job, _ = _checked_job(cfg, discover().world_size)  # fails before any process group
     device = device_for_rank(job.train.device)
     rank, world = init_distributed(device)
     run_dir = agree_run_dir(cfg)
-    job = _checked_job(cfg, world)  # again: every path now from rank 0's run directory
+    job, notice = _checked_job(cfg, world)  # again: every path now from rank 0's run directory
     t = job.train
     dims = ParallelDims(
         dp=resolve_dp(job.parallel, world), pp=job.parallel.pp, tp=job.parallel.tp, rank=rank
@@ -221,6 +221,8 @@ def train(cfg: DictConfig) -> dict:
     lead = rank == 0
     if lead:
         _write_config(cfg, run_dir)
+        if notice:
+            print(notice)
 
     total_val = t.val_batches * t.global_batch_size
     train_set, val_set, tokenizer = build_datasets(
