@@ -10,7 +10,7 @@ from __future__ import annotations  # the schema's Optional[...] stays: OmegaCon
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -86,8 +86,8 @@ class ParallelConfig:
     partition: str = "even"
     layers_per_stage: list[int] = field(default_factory=list)
     vocab_parallel: str = "none"
-    # micro-batches per step and replica (what flows through the pipeline); 0: global batch /
-    # (dp x train.micro_batch_size). When set, it decides train.micro_batch_size instead.
+    # micro-batches per step and replica (what flows through the pipeline); 0: from
+    # train.micro_batch_size (`auto` there: enough to fill the pipeline, see derive_micro_batches)
     microbatches: int = 0
     sequence_parallel: bool = False
     bucket_mb: float = 25.0
@@ -181,7 +181,7 @@ class LaunchConfig:
 class TrainConfig:
     steps: int = 300
     global_batch_size: int = 16
-    micro_batch_size: int = 8
+    micro_batch_size: Union[int, str] = "auto"  # sequences per forward; auto: derived
     seq_len: int = 128
     val_interval: int = 50
     val_batches: int = 4
@@ -352,16 +352,18 @@ def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:
         microbatches = t.global_batch_size // max(1, dp * t.micro_batch_size)
         if microbatches % p.pp:
             raise ConfigError(
-                "train.global_batch_size",
+                "train.micro_batch_size",
                 f"interleaved 1F1B needs the micro-batches per replica ({microbatches}) "
-                f"to be a multiple of pp={p.pp}",
+                f"to be a multiple of pp={p.pp}; set train.micro_batch_size=auto or "
+                f"parallel.microbatches to a multiple of {p.pp}",
             )
 
 
-def validate(cfg: TrainJobConfig, world_size: int) -> None:
+def validate(cfg: TrainJobConfig, world_size: int) -> str | None:
     """Check a resolved train config against the world it will run in, after deriving
-    train.micro_batch_size from parallel.microbatches when that is set. Raises ConfigError."""
-    apply_microbatches(cfg, world_size)
+    train.micro_batch_size (derive_micro_batches). Raises ConfigError; returns a notice for the
+    user when the derived split cannot fill the pipeline."""
+    notice = derive_micro_batches(cfg, world_size)
     validate_model(cfg.model)
     t, p = cfg.train, cfg.parallel
     for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "val_interval"):
@@ -443,6 +445,7 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
             "launch.rdzv_endpoint",
             "multi-node torchrun needs the rendezvous host:port (the same on every node)",
         )
+    return notice
 
 
 def validate_data(d: DataConfig) -> None:
@@ -491,20 +494,66 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def apply_microbatches(cfg: TrainJobConfig, world_size: int) -> None:
-    """With `parallel.microbatches` set, derive train.micro_batch_size from it."""
+def derive_micro_batches(cfg: TrainJobConfig, world_size: int) -> str | None:
+    """Set train.micro_batch_size: from `parallel.microbatches` when that is set, as given when
+    it is a number, else (`auto`) from the global batch, dp and the schedule. Without a pipeline
+    that is one micro-batch per replica; a pipeline gets at least 2 x pp micro-batches where the
+    batch allows (a multiple of pp for interleaved 1F1B), else the most it allows, with the
+    notice returned."""
     p, t = cfg.parallel, cfg.train
-    if p.microbatches == 0:
-        return
-    _positive("parallel.microbatches", p.microbatches)
-    per_step = resolve_dp(p, world_size) * p.microbatches
-    if t.global_batch_size % per_step:
+    explicit = t.micro_batch_size != "auto"
+    if explicit and not isinstance(t.micro_batch_size, int):
         raise ConfigError(
-            "parallel.microbatches",
-            f"train.global_batch_size={t.global_batch_size} does not split into dp x "
-            f"microbatches = {per_step} micro-batches; change either",
+            "train.micro_batch_size", f"{t.micro_batch_size!r} is neither a number nor auto"
         )
-    t.micro_batch_size = t.global_batch_size // per_step
+    dp = resolve_dp(p, world_size)
+    _positive("train.global_batch_size", t.global_batch_size)
+    if p.microbatches:
+        _positive("parallel.microbatches", p.microbatches)
+        per_step = dp * p.microbatches
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                "parallel.microbatches",
+                f"train.global_batch_size={t.global_batch_size} does not split into dp x "
+                f"microbatches = {per_step} micro-batches; change either",
+            )
+        if explicit and t.micro_batch_size != t.global_batch_size // per_step:
+            raise ConfigError(
+                "train.micro_batch_size",
+                f"{t.micro_batch_size} contradicts parallel.microbatches={p.microbatches} "
+                f"(which gives {t.global_batch_size // per_step}); set only one of them",
+            )
+        t.micro_batch_size = t.global_batch_size // per_step
+        return None
+    if explicit:
+        return None
+    if t.global_batch_size % dp:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{t.global_batch_size} does not split over dp={dp} replicas; make it a multiple "
+            f"of {dp}",
+        )
+    per_replica = t.global_batch_size // dp
+    interleaved = p.schedule == "interleaved_1f1b"
+    counts = [m for m in range(1, per_replica + 1) if per_replica % m == 0]
+    counts = [m for m in counts if not interleaved or m % p.pp == 0] if p.pp > 1 else [1]
+    if not counts:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{t.global_batch_size} gives {per_replica} sequences per replica, which do not "
+            f"split into a multiple of pp={p.pp} micro-batches (interleaved 1F1B); make it a "
+            f"multiple of dp x pp = {dp * p.pp}",
+        )
+    fill = 2 * p.pp if p.pp > 1 else 1
+    chosen = next((m for m in counts if m >= fill), counts[-1])
+    t.micro_batch_size = per_replica // chosen
+    if chosen < fill:
+        return (
+            f"skipjack: {chosen} micro-batches per replica (train.global_batch_size="
+            f"{t.global_batch_size} over dp={dp}) cannot fill a pipeline of pp={p.pp}, which "
+            f"wants {fill}; raise train.global_batch_size to {fill * dp} or more"
+        )
+    return None
 
 
 def resolve_dp(p: ParallelConfig, world_size: int) -> int:

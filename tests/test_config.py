@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from skipjack.config import (
     ConfigError,
     TrainJobConfig,
-    apply_microbatches,
+    derive_micro_batches,
     validate,
 )
 from skipjack.testing.cli import compose_job
@@ -106,9 +106,51 @@ def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
 
 def test_microbatches_decide_the_micro_batch_size():
     cfg = compose_job("parallel.microbatches=4", "train.global_batch_size=16")
-    apply_microbatches(cfg, 2)  # dp=2: 2 replicas x 4 micro-batches of 2 sequences
+    derive_micro_batches(cfg, 2)  # dp=2: 2 replicas x 4 micro-batches of 2 sequences
     assert cfg.train.micro_batch_size == 2
     validate(cfg, 2)
+    both = compose_job("parallel.microbatches=4", "train.micro_batch_size=4")
+    with pytest.raises(ConfigError, match="train.micro_batch_size: 4 contradicts"):
+        validate(both, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides,world,micro_batch_size,notice",
+    [
+        ([], 1, 8, False),  # the default job: one micro-batch of the global batch of 8
+        (["parallel.dp=2"], 2, 4, False),
+        (["parallel.tp=2"], 2, 8, False),
+        (["parallel.pp=2"], 2, 2, False),  # 4 = 2 x pp micro-batches fill the pipeline
+        (["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"], 2, 2, False),
+        (["parallel.pp=4"], 4, 1, False),
+        (["parallel.pp=2", "parallel.vocab_parallel=alg2"], 2, 2, False),
+        (["parallel.pp=4", "parallel.dp=2"], 8, 1, True),  # 4 per replica: the most there is
+        (["parallel.pp=2", "train.global_batch_size=6"], 2, 1, False),  # 6 >= 4 divides 6
+        (["parallel.pp=4", "train.global_batch_size=24"], 4, 3, False),
+    ],
+)
+def test_auto_micro_batches_fit_every_layout_added_to_the_default_job(
+    overrides, world, micro_batch_size, notice
+):
+    cfg = compose_job(*overrides)
+    said = validate(cfg, world)
+    assert cfg.train.micro_batch_size == micro_batch_size
+    assert (said is not None) == notice
+    if notice:
+        assert "raise train.global_batch_size to 16" in said
+
+
+def test_explicit_micro_batch_size_wins_and_an_impossible_one_names_the_knob():
+    cfg = compose_job("parallel.pp=2", "train.micro_batch_size=4")
+    validate(cfg, 2)
+    assert cfg.train.micro_batch_size == 4
+    interleaved = ["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"]
+    with pytest.raises(ConfigError, match="train.micro_batch_size: .*multiple of 2"):
+        validate(compose_job(*interleaved, "train.micro_batch_size=8"), 2)
+    with pytest.raises(ConfigError, match="train.global_batch_size: 3 gives 3 sequences"):
+        validate(compose_job(*interleaved, "train.global_batch_size=3"), 2)
+    with pytest.raises(ConfigError, match="train.micro_batch_size: 'many'"):
+        validate(compose_job("train.micro_batch_size=many"), 1)
 
 
 def test_unknown_keys_and_presets_are_refused_by_the_schema():
