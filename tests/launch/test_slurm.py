@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from skipjack.checkpoint.marker import complete_checkpoints, verify
 from skipjack.config import LaunchConfig
 from skipjack.launch.slurm import batch_script, node_script
 from skipjack.testing.cli import run_skipjack
@@ -180,20 +181,39 @@ def test_hydra_sweep_goes_to_slurm_through_submitit(slurm_cluster, tmp_path):
         assert sum("loss" in r for r in read_metrics(tmp_path / "sweep" / job)) == 4
 
 
-@pytest.mark.slow
-def test_srun_tasks_find_their_ranks_without_a_launcher(slurm_cluster, tmp_path):
-    """A plain 2-task batch job, `srun python -m skipjack.cli train`: the ranks come from SLURM's
-    variables (launch/env.py)."""
+def srun_job(tmp_path: Path, *overrides: str) -> str:
+    """A plain 2-task batch job, `srun python -m skipjack.cli train <overrides>` with no
+    launcher; returns its log once it ended."""
     script = tmp_path / "job.sbatch"
     script.write_text(
         "#!/bin/bash\n#SBATCH --ntasks=2\n"
         f"#SBATCH --output={tmp_path}/slurm-%j.out\n#SBATCH --chdir={tmp_path}\n"
-        f"srun {sys.executable} -m skipjack.cli train parallel.dp=2 experiment=smoke "
-        "train.steps=4 train.val_interval=2 train.micro_batch_size=4 logging.plot=false "
-        f"logging.progress=false hydra.run.dir={tmp_path}/run\n"
+        f"srun {sys.executable} -m skipjack.cli train {' '.join(overrides)}\n"
     )
     job = sh("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
     wait_for(job, 300)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert "dp=2" in log and log.count("skipjack: done.") == 1, log[-3000:]
-    assert sum("loss" in r for r in read_metrics(tmp_path / "run")) == 4
+    return (tmp_path / f"slurm-{job}.out").read_text()
+
+
+@pytest.mark.slow
+def test_srun_tasks_find_their_ranks_save_into_one_run_directory_and_resume(
+    slurm_cluster, tmp_path
+):
+    """The ranks come from SLURM's variables (launch/env.py); both tasks' shards land in rank
+    0's run directory, the last step's checkpoint verifies, and a second job resumes bitwise."""
+    common = [
+        *("parallel.tp=2", "experiment=smoke", "train.steps=4", "train.val_interval=2"),
+        *("logging.plot=false", "logging.progress=false", "checkpoint=sharded"),
+        "checkpoint.interval=2",
+    ]
+    log = srun_job(tmp_path, *common, f"hydra.run.dir={tmp_path}/a")
+    assert "tp=2" in log and log.count("skipjack: done.") == 1, log[-3000:]
+    saved = complete_checkpoints(tmp_path / "a" / "checkpoints")
+    assert [p.name for p in saved] == ["step-0000002", "step-0000004"]
+    assert verify(saved[1]) == 4 and not (tmp_path / "checkpoints").exists()
+    resume = f"checkpoint.resume={saved[0]}"
+    log = srun_job(tmp_path, *common, resume, f"hydra.run.dir={tmp_path}/b")
+    assert f"resumed from {saved[0]} (step 2)" in log, log[-3000:]
+    straight = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r}
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == straight[s] for s in resumed)
