@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "train" and discover().rank != 0:
         # rank 0 owns the run directory; the others write nothing of Hydra's anywhere
-        overrides += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
+        overrides += [
+            *("hydra.output_subdir=null", "hydra.run.dir=."),
+            "hydra.job_logging.root.handlers=[console]",
+        ]
     register_configs()
     sys.argv = [f"skipjack {command}", *overrides]
     {"train": train_app, "preprocess": preprocess_app}[command]()

@@ -34,6 +34,7 @@ def test_shortened_default_job_through_the_cli(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*"))
     for name in ("config.yaml", "metrics.jsonl", "loss.png"):
         assert str(run_dir / name) in result.stdout
+    assert "[INFO]" not in result.stdout + result.stderr  # no dependency's INFO lines
 
 
 def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
@@ -128,7 +129,8 @@ def test_plain_torchrun_saves_into_one_run_directory_and_resumes_bitwise(tmp_pat
         (run_dir,) = set(tmp_path.glob("outputs/*/*")) - before
         return run_dir, result
 
-    a, _ = train("a")
+    a, result = train("a")
+    assert "[INFO]" not in result.stdout + result.stderr  # on no rank
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a" if run_dir_given else "outputs"]
     saved = complete_checkpoints(a / "checkpoints")
     assert [p.name for p in saved] == ["step-0000002", "step-0000004"]
