@@ -42,10 +42,22 @@ def test_default_job_is_valid():
         (["train.seq_len=4096"], 1, "train.seq_len", "max_seq_len"),
         (["data.split='98,0,2'"], 1, "data.split", "valid > 0"),
         (
-            ["parallel.tp=2", "model.n_heads=4", "model.n_kv_heads=1", "model.dim=128"],
+            ["parallel.tp=2", "model.n_heads=6", "model.n_kv_heads=3", "model.dim=384"],
             2,
             "parallel.tp",
-            "does not replicate kv heads",
+            "one must divide the other",
+        ),
+        (
+            [
+                "parallel.tp=2",
+                "model.n_heads=4",
+                "model.n_kv_heads=1",
+                "model.dim=128",
+                "optim=galore_plus",
+            ],
+            2,
+            "optim.name",
+            "kv heads replicated over tp",
         ),
         (
             [

@@ -1,7 +1,10 @@
 """Weights between Hugging Face and skipjack, and the `skipjack convert` command.
 
     skipjack convert import <hf dir> <step dir>   # a weights-only skipjack checkpoint
-    skipjack convert export <step dir> <hf dir>   # loadable by transformers
+    skipjack convert export <step dir> <hf dir> [--dtype bf16|fp16|fp32]   # for transformers
+
+Import keeps the weights' dtype and refuses a model skipjack cannot represent exactly (one line
+naming the config field); export writes the dtype of the checkpoint unless `--dtype` says.
 
 A skipjack checkpoint is independent of the layout that wrote it, so one import serves every
 layout: `model.init_from=<step dir>` (or directly `model.init_from=<hf dir>`) starts a run with
@@ -19,8 +22,8 @@ from pathlib import Path
 from skipjack.atomic import replacing_dir
 from skipjack.checkpoint import hf
 from skipjack.checkpoint.marker import marked_model, verify, write_marker
-from skipjack.checkpoint.sharded import CheckpointError, read_model, write_model
-from skipjack.config import ConfigError, ModelConfig
+from skipjack.checkpoint.sharded import CheckpointError, check_hf, read_model, write_model
+from skipjack.config import ConfigError, ModelConfig, validate_model
 
 _TRAINING_FIELDS = ("name", "init_std", "activation_checkpointing", "init_from")
 
@@ -43,18 +46,26 @@ def init_model_config(base: ModelConfig) -> ModelConfig:
 
 
 def import_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    cfg, tensors = hf.read(source)
+    checkpoint = hf.HFCheckpoint(source)
+    cfg = checkpoint.config
+    validate_model(cfg)
+    names = hf.parameter_names(cfg)
+    check_hf(checkpoint, cfg, names)
+    tensors = {name: checkpoint.read(name) for name in names}
     with replacing_dir(target) as tmp:
         write_model(tensors, str(tmp))
         write_marker(tmp, 0, {"dp": 1, "pp": 1, "tp": 1}, cfg)
     return Path(target)
 
 
-def export_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+def export_hf(
+    source: str | os.PathLike, target: str | os.PathLike, dtype: str | None = None
+) -> Path:
+    """`source` as a Hugging Face directory, in `dtype` (None: the checkpoint's)."""
     source = Path(source)
     verify(source)
     cfg = marked_model(source)
-    hf.write(cfg, read_model(str(source)), target)
+    hf.write(cfg, read_model(str(source)), target, dtype)
     return Path(target)
 
 
@@ -63,13 +74,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("direction", choices=("import", "export"))
     parser.add_argument("source")
     parser.add_argument("target")
+    parser.add_argument("--dtype", choices=tuple(hf.DTYPES), help="export: the weights' dtype")
     args = parser.parse_args(argv)
     try:
         if args.direction == "import":
             out = import_hf(args.source, args.target)
         else:
-            out = export_hf(args.source, args.target)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+            out = export_hf(args.source, args.target, args.dtype)
+    except (CheckpointError, ConfigError, OSError, ValueError) as e:
         print(f"skipjack convert: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"skipjack convert: wrote {out}")

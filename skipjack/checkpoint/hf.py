@@ -3,21 +3,29 @@
 Names map one to one (`model.layers.3.self_attn.q_proj.weight` <-> `layers.3.attention.wq.weight`,
 `gate_proj` <-> `w1`, `up_proj` <-> `w3`, `down_proj` <-> `w2`, ...). skipjack applies RoPE to
 interleaved pairs of each head (Meta's layout), Hugging Face to its two halves, so the rows of
-the query and key projections are permuted on the way in and back on the way out.
+the query and key projections are permuted within each head on the way in and back on the way
+out. The config is mapped (or refused) field by field in `hf_config.py`.
+
+Reading goes through `safe_open(...).get_slice`: a rank reads only the rows (or columns) of each
+weight that its shard spec says it holds, in the file's dtype, so no process ever holds the
+whole checkpoint in fp32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from skipjack.atomic import replacing_dir
-from skipjack.config import ConfigError, ModelConfig, RopeScalingConfig
+from skipjack.checkpoint import hf_config
+from skipjack.checkpoint.sharded import CheckpointError
+from skipjack.config import ModelConfig, head_dim
+from skipjack.parallel.shard_spec import ShardSpec
 
 _LAYER_NAMES = {
     "self_attn.q_proj": "attention.wq",
@@ -31,24 +39,32 @@ _LAYER_NAMES = {
     "post_attention_layernorm": "ffn_norm",
 }
 _TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
     path = Path(path)
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors*"))
 
 
 def to_skipjack_name(name: str) -> str | None:
     """skipjack's name of a Hugging Face tensor (None for buffers skipjack recomputes)."""
     stem, _, leaf = name.rpartition(".")
-    if stem in _TOP_NAMES:
+    if stem in _TOP_NAMES and leaf == "weight":
         return f"{_TOP_NAMES[stem]}.{leaf}"
     parts = stem.split(".")
-    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _LAYER_NAMES:
+    if (
+        parts[:2] == ["model", "layers"]
+        and ".".join(parts[3:]) in _LAYER_NAMES
+        and leaf == "weight"
+    ):
         return f"layers.{parts[2]}.{_LAYER_NAMES['.'.join(parts[3:])]}.{leaf}"
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise ValueError(f"unexpected tensor {name!r} in a Llama checkpoint")
+    raise CheckpointError(
+        f"unexpected tensor {name!r} in a Llama checkpoint (biases? another model?)"
+    )
 
 
 def to_hf_name(name: str) -> str:
@@ -61,103 +77,136 @@ def to_hf_name(name: str) -> str:
     return f"model.layers.{index}.{inverse['.'.join(rest)]}.{leaf}"
 
 
-def _rope_rows(weight: torch.Tensor, n_heads: int, to_interleaved: bool) -> torch.Tensor:
+def parameter_names(cfg: ModelConfig) -> list[str]:
+    """skipjack's names of every weight of `cfg` (the output layer only when untied)."""
+    top = ["tok_embeddings.weight", "norm.weight"] + (
+        [] if cfg.tie_embeddings else ["output.weight"]
+    )
+    layers = [
+        f"layers.{i}.{ours}.weight" for i in range(cfg.n_layers) for ours in _LAYER_NAMES.values()
+    ]
+    return top + layers
+
+
+def _rope_rows(weight: torch.Tensor, head_dim: int, to_interleaved: bool) -> torch.Tensor:
     """Reorder each head's rows between halves (HF) and interleaved pairs (Meta)."""
     rows, cols = weight.shape
-    half = rows // n_heads // 2
+    n_heads, half = rows // head_dim, head_dim // 2
     if to_interleaved:
         return weight.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
     return weight.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint is damaged") from e
+
+
 def model_config(path: str | os.PathLike, base: ModelConfig | None = None) -> ModelConfig:
     """The architecture in `path`/config.json; other fields (name, init, activation
-    checkpointing) from `base`."""
-    hf = json.loads((Path(path) / "config.json").read_text())
-    if hf.get("model_type") != "llama":
-        raise ConfigError("model.init_from", f"{path} holds a {hf.get('model_type')!r} model")
-    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
-    rope_scaling = None
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
-        rope_scaling = RopeScalingConfig(
-            factor=scaling["factor"],
-            low_freq_factor=scaling["low_freq_factor"],
-            high_freq_factor=scaling["high_freq_factor"],
-            original_max_position_embeddings=scaling["original_max_position_embeddings"],
-        )
-    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    fields = dict(
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        ffn_dim=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope_theta=float(theta),
-        rope_scaling=rope_scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
-    if base is None:
-        return ModelConfig(name=Path(path).name, **fields)
-    return dataclasses.replace(base, **fields)
-
-
-def read(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The model config and every weight of a Hugging Face directory, under skipjack's names."""
+    checkpointing) from `base`. Raises ConfigError naming a field skipjack cannot represent."""
     path = Path(path)
-    cfg = model_config(path)
-    index = path / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file()
-        else [p.name for p in sorted(path.glob("*.safetensors"))]
-    )
-    tensors = {}
-    for file in files:
-        for name, tensor in load_file(path / file).items():
+    return hf_config.model_config(_read_json(path / "config.json"), path.name, base)
+
+
+class HFCheckpoint:
+    """A Hugging Face Llama directory opened for reading: its model config and where each
+    weight lies (file and name), checked complete before anything is read."""
+
+    def __init__(self, path: str | os.PathLike, base: ModelConfig | None = None):
+        self.path = Path(path)
+        self.config = model_config(self.path, base)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: has no weight_map; the checkpoint is damaged")
+            located = {name: self.path / file for name, file in weight_map.items()}
+        else:
+            located = {
+                name: file
+                for file in sorted(self.path.glob("*.safetensors"))
+                for name in _keys(file)
+            }
+        self._where: dict[str, tuple[Path, str]] = {}
+        for name, file in located.items():
             ours = to_skipjack_name(name)
-            if ours is None:
-                continue
-            if ours.endswith(("wq.weight", "wk.weight")):
-                heads = cfg.n_heads if ours.endswith("wq.weight") else cfg.n_kv_heads
-                tensor = _rope_rows(tensor, heads, to_interleaved=True)
-            tensors[ours] = tensor.float()
-    return cfg, tensors
+            if ours is not None and not (ours == "output.weight" and self.config.tie_embeddings):
+                self._where[ours] = (file, name)  # tied: transformers ignores a saved lm_head
+        for name in parameter_names(self.config):
+            if name not in self._where:
+                raise CheckpointError(
+                    f"{self.path}: has no tensor {to_hf_name(name)}; the checkpoint is incomplete"
+                )
+        for file in sorted({file for file, _ in self._where.values()}):
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing; the checkpoint is incomplete")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, hf_name = self._where[name]
+        with _open(file) as f:
+            return tuple(f.get_slice(hf_name).get_shape())
+
+    def read(self, name: str, spec: ShardSpec | None = None) -> torch.Tensor:
+        """Weight `name` in the file's dtype: whole, or only the part `spec` gives this rank
+        (rows beyond the true size, a padded vocabulary, are zeros)."""
+        file, hf_name = self._where[name]
+        with _open(file) as f:
+            view = f.get_slice(hf_name)
+            shape = view.get_shape()
+            if spec is None or not spec.sharded:
+                tensor = view[:]
+            else:
+                dim, start = spec.dim, spec.offsets[spec.dim]
+                size = spec.local_shape[dim]
+                stop = min(start + size, shape[dim])
+                index = (slice(None),) * dim + (slice(min(start, stop), stop),)
+                tensor = view[index]
+                if stop - start < size:
+                    pad = list(tensor.shape)
+                    pad[dim] = size - tensor.shape[dim]
+                    tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim)
+        if name.endswith(("wq.weight", "wk.weight")):
+            tensor = _rope_rows(tensor, head_dim(self.config), to_interleaved=True)
+        return tensor
 
 
-def write(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """A Hugging Face Llama directory (`transformers` loads it) from skipjack's tensors, written
-    next to `path` and renamed into place."""
+def _keys(file: Path) -> list[str]:
+    with _open(file) as f:
+        return list(f.keys())
+
+
+def _open(file: Path):
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable ({e}); the checkpoint is damaged") from e
+
+
+def write(
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    dtype: str | None = None,
+) -> None:
+    """A Hugging Face Llama directory (`transformers` loads it) from skipjack's tensors, in
+    `dtype` (None: the tensors' own), written next to `path` and renamed into place."""
     out = {}
     for name, tensor in tensors.items():
         if name == "output.weight" and cfg.tie_embeddings:
             continue
+        if dtype is not None:
+            tensor = tensor.to(DTYPES[dtype])
         if name.endswith(("wq.weight", "wk.weight")):
-            heads = cfg.n_heads if name.endswith("wq.weight") else cfg.n_kv_heads
-            tensor = _rope_rows(tensor, heads, to_interleaved=False)
+            tensor = _rope_rows(tensor, head_dim(cfg), to_interleaved=False)
         out[to_hf_name(name)] = tensor.contiguous()
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "intermediate_size": cfg.ffn_dim,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": "float32",
-    }
-    if cfg.rope_scaling is not None:
-        config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(cfg.rope_scaling)}
+    dtypes = {t.dtype for t in out.values()}
+    config = hf_config.hf_config(cfg, _DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)])
     with replacing_dir(path) as tmp:
         save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -32,9 +32,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.tensor import DTensor, Shard
 
+from skipjack.config import ModelConfig
 from skipjack.models.llama import parameter_shape
 from skipjack.parallel.dims import ParallelDims
-from skipjack.parallel.shard_spec import ShardSpec, spec_of
+from skipjack.parallel.shard_spec import ShardSpec, spec_of, sum_over_replicas
 
 
 class CheckpointError(RuntimeError):
@@ -42,9 +43,19 @@ class CheckpointError(RuntimeError):
 
 
 def _global(local: torch.Tensor, spec: ShardSpec, shape: tuple[int, ...], dims: ParallelDims):
-    """`local` (this rank's shard, padding included) as a view of the global tensor `shape`."""
+    """`local` (this rank's shard, padding included) as a view of the global tensor `shape`.
+
+    A shard held by several ranks (replicated kv heads) is written, and read, in equal parts:
+    the replica j of a shard takes its j-th part, so every row is written once and the global
+    tensor is split evenly over every rank of the group (`join_replicas` reassembles a load)."""
     if not spec.sharded:
         return local
+    if spec.replicas > 1:
+        rank = dist.get_rank(dims.group(spec.group))
+        part = spec.local_shape[spec.dim] // spec.replicas
+        local = local.narrow(spec.dim, rank % spec.replicas * part, part)
+        shards = spec.num_shards * spec.replicas
+        spec = ShardSpec(spec.global_shape, spec.dim, spec.group, shards, rank)
     # torch.chunk layout: ceil(n / shards) rows each, the last shard short: exactly the padded
     # split, with padding rows (beyond `shape`) dropped
     start = spec.offsets[spec.dim]
@@ -93,7 +104,10 @@ def _optimizer_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
                 padded, shape = list(value.shape), list(value.shape)
                 padded[dim] *= spec.num_shards
                 shape[dim] = parameter_shape(cfg, name)[spec.dim]
-                value_spec = ShardSpec(tuple(padded), dim, spec.group, spec.num_shards, spec.index)
+                value_spec = ShardSpec(
+                    tuple(padded), dim, spec.group, spec.num_shards, spec.index,
+                    replicas=spec.replicas,
+                )  # fmt: skip
                 value = _global(value, value_spec, tuple(shape), dims)
             state[f"optim/{name}/{key}"] = value
     return state
@@ -219,6 +233,7 @@ def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup)
     materialise_optimizer_state(training)
     state = full_state(training, dims, {"step": 0, "tokens": 0}, {"consumed_samples": 0})
     dcp.load(state, checkpoint_id=directory, process_group=group)
+    join_replicas(training, dims, optimizer=True)
     training.schedule.load_state_dict(state["lr_schedule"])
     for group, lr in zip(
         training.optimizer.param_groups, training.schedule.get_last_lr(), strict=True
@@ -228,23 +243,53 @@ def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup)
     return {"trainer": state["trainer"], "loader": state["loader"]}
 
 
+def join_replicas(training, dims: ParallelDims, optimizer: bool) -> None:
+    """After a load, give every replica of a shard the whole shard: each read only its part
+    (see `_global`) of the parameter and, with `optimizer`, of its state shaped like it."""
+    for _, p in _parameters(training):
+        spec = spec_of(p)
+        if not (spec.sharded and spec.replicas > 1):
+            continue
+        state = training.optimizer.state.get(p, {}) if optimizer else {}
+        tensors = [p.data] + [
+            v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape
+        ]
+        group = dims.group(spec.group)
+        part = spec.local_shape[spec.dim] // spec.replicas
+        start = dist.get_rank(group) % spec.replicas * part
+        for tensor in tensors:
+            mine = tensor.narrow(spec.dim, start, part).clone()
+            tensor.zero_()
+            tensor.narrow(spec.dim, start, part).copy_(mine)
+            sum_over_replicas(tensor, spec, group)
+
+
+def check_hf(checkpoint, cfg: ModelConfig, names: list[str]) -> None:
+    """Raise CheckpointError naming the first of weights `names` of model `cfg` that a Hugging
+    Face checkpoint (an `hf.HFCheckpoint`) lacks or holds in another shape."""
+    saved = {name: checkpoint.shape(name) for name in checkpoint.names()}
+    _check_shapes(str(checkpoint.path), saved, {n: parameter_shape(cfg, n) for n in names})
+
+
 def load_model(training, dims: ParallelDims, source: str, group: dist.ProcessGroup) -> None:
     """Only the weights (no optimizer, schedule or position) from a Hugging Face directory or a
-    skipjack step directory: how post-training starts (`model.init_from`)."""
+    skipjack step directory: how post-training starts (`model.init_from`). Either way each rank
+    reads only the parts of the weights it holds."""
     from skipjack.checkpoint import hf
 
     cfg = training.model_config
     params = _parameters(training)
     expected = {name: parameter_shape(cfg, name) for name, _ in params}
     if hf.is_hf_dir(source):
-        _, tensors = hf.read(source)
-        _check_shapes(source, {name: tuple(t.shape) for name, t in tensors.items()}, expected)
+        checkpoint = hf.HFCheckpoint(source, cfg)
+        check_hf(checkpoint, cfg, list(expected))
         with torch.no_grad():
             for name, p in params:
-                p.copy_(spec_of(p).shard(tensors[name]))
+                p.copy_(checkpoint.read(name, spec_of(p)))
         return
     check_model(source, expected)
     dcp.load(model_state(training, dims), checkpoint_id=source, process_group=group)
+    join_replicas(training, dims, optimizer=False)
 
 
 def read_model(directory: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Llama family: RMSNorm, RoPE (theta, optional Llama-3 scaling), SwiGLU, grouped-query attention.
+"""Llama family: RMSNorm, RoPE (theta; Llama-3, linear or YaRN scaling), SwiGLU, grouped-query
+attention (kv heads split over tp, or replicated when tp exceeds them).
 
 A model is built per pipeline stage: `Llama(cfg, stage)` allocates only the blocks in
 `stage.layers` (keyed by their global index), the embedding on the first stage and the final norm
@@ -25,7 +26,14 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from skipjack.config import ConfigError, ModelConfig, validate_model, validate_tensor_parallel
+from skipjack.config import (
+    ConfigError,
+    ModelConfig,
+    head_dim,
+    validate_model,
+    validate_tensor_parallel,
+)
+from skipjack.models.rope import apply_rope, rope_cos_sin
 from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, replicated, set_spec, spec_of
 from skipjack.parallel.tensor import (
     TensorParallel,
@@ -86,52 +94,17 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of RoPE, with Llama-3's wavelength-dependent scaling if configured."""
-    head_dim = cfg.dim // cfg.n_heads
-    inv_freq = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    )
-    s = cfg.rope_scaling
-    if s is None:
-        return inv_freq.float()
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, blended)
-    scaled = torch.where(wavelen < high_wavelen, inv_freq, scaled)
-    return scaled.float()
-
-
-def rope_cos_sin(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(max_seq_len, head_dim/2, 2) table of cos and sin per position and frequency."""
-    inv_freq = rope_frequencies(cfg).to(device)
-    angles = torch.outer(
-        torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq
-    )
-    return torch.stack((angles.cos(), angles.sin()), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position angles."""
-    seq = x.shape[1]
-    cos, sin = table[:seq, None, :, 0], table[:seq, None, :, 1]
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
 def column_parallel(
-    in_features: int, out_features: int, tp: TensorParallel, heads: HeadLayout | None = None
+    in_features: int,
+    out_features: int,
+    tp: TensorParallel,
+    heads: HeadLayout | None = None,
+    num_shards: int | None = None,
 ) -> nn.Linear:
-    """A linear layer holding this rank's rows (output features) of the global weight."""
-    layer = nn.Linear(in_features, out_features // tp.size, bias=False)
-    set_spec(layer.weight, tp.shard_spec((out_features, in_features), 0, heads))
+    """A linear layer holding this rank's rows (output features) of the global weight, split
+    into `num_shards` (default: tp) shards."""
+    layer = nn.Linear(in_features, out_features // (num_shards or tp.size), bias=False)
+    set_spec(layer.weight, tp.shard_spec((out_features, in_features), 0, heads, num_shards))
     return layer
 
 
@@ -145,16 +118,19 @@ def row_parallel(
 
 
 class Attention(nn.Module):
-    """Heads split over tp: each rank holds n_heads/tp query and n_kv_heads/tp kv heads."""
+    """Heads split over tp: each rank holds n_heads/tp query and n_kv_heads/tp kv heads. With
+    tp > n_kv_heads, rank r holds kv head r // (tp / n_kv_heads), the one its query heads use,
+    and the ranks sharing it sum their gradients of it (ShardSpec.replicas)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        hd = self.head_dim = cfg.dim // cfg.n_heads
-        self.n_heads, self.n_kv_heads = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size
+        hd = self.head_dim = head_dim(cfg)
+        kv_shards = min(tp.size, cfg.n_kv_heads)
+        self.n_heads, self.n_kv_heads = cfg.n_heads // tp.size, cfg.n_kv_heads // kv_shards
         q_heads, kv_heads = HeadLayout(0, cfg.n_heads, hd), HeadLayout(0, cfg.n_kv_heads, hd)
         self.wq = column_parallel(cfg.dim, cfg.n_heads * hd, tp, q_heads)
-        self.wk = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads)
-        self.wv = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads)
+        self.wk = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads, kv_shards)
+        self.wv = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads, kv_shards)
         self.wo = row_parallel(cfg.n_heads * hd, cfg.dim, tp, HeadLayout(1, cfg.n_heads, hd))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -329,15 +305,15 @@ def initial_value(cfg: ModelConfig, name: str, seed: int) -> torch.Tensor:
 
 
 def parameter_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    head_dim = cfg.dim // cfg.n_heads
+    hd = head_dim(cfg)
     leaf = name.split(".")[-2]
     shapes = {
         "tok_embeddings": (cfg.vocab_size, cfg.dim),
         "output": (cfg.vocab_size, cfg.dim),
-        "wq": (cfg.n_heads * head_dim, cfg.dim),
-        "wk": (cfg.n_kv_heads * head_dim, cfg.dim),
-        "wv": (cfg.n_kv_heads * head_dim, cfg.dim),
-        "wo": (cfg.dim, cfg.n_heads * head_dim),
+        "wq": (cfg.n_heads * hd, cfg.dim),
+        "wk": (cfg.n_kv_heads * hd, cfg.dim),
+        "wv": (cfg.n_kv_heads * hd, cfg.dim),
+        "wo": (cfg.dim, cfg.n_heads * hd),
         "w1": (cfg.ffn_dim, cfg.dim),
         "w3": (cfg.ffn_dim, cfg.dim),
         "w2": (cfg.dim, cfg.ffn_dim),
@@ -351,8 +327,7 @@ def parameter_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
 
 def block_parameters(cfg: ModelConfig) -> int:
     """Parameters of one transformer block (attention, SwiGLU MLP, two norms)."""
-    head_dim = cfg.dim // cfg.n_heads
-    attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    attn = cfg.dim * head_dim(cfg) * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     return attn + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
 
 
@@ -369,4 +344,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     matmul); 12 L d s is the attention score and value matmuls (causal masking not discounted).
     """
     n = num_parameters(cfg, embeddings=False) + cfg.vocab_size * cfg.dim
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * seq_len

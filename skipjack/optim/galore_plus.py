@@ -71,7 +71,9 @@ class GaLorePlusAdamW(GaLoreAdamW):
         heads = proj.spec.heads
         chosen = sampled_heads(heads.n_heads, group["heads"], heads.head_dim, proj.rank, gen)
         blocks = full.unflatten(heads.dim, (heads.n_heads, heads.head_dim))
-        sample = blocks.index_select(heads.dim, chosen).flatten(heads.dim, heads.dim + 1)
+        # the heads are drawn on the CPU generator; index_select wants them on the gradient's device
+        sample = blocks.index_select(heads.dim, chosen.to(full.device))
+        sample = sample.flatten(heads.dim, heads.dim + 1)
         return super()._estimate(sample, group, proj, gen)
 
     # --- sparse residuals -------------------------------------------------------------------

@@ -4,6 +4,10 @@ Every parameter carries a `ShardSpec`: replicated, or split evenly along `dim` o
 process group, with the global shape (the padded vocabulary included) and, for attention weights,
 the head layout. Checkpoints use it to write global offsets, gradient clipping to count every
 element once, GaLore+ to project per head on the rank's own heads.
+
+A shard may be held by several ranks of its group (`replicas` > 1): with more tensor-parallel
+ranks than key-value heads, each kv head lives on tp / n_kv_heads neighbouring ranks, as in
+Megatron. Rank r of the group then holds shard r // replicas.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class ShardSpec:
     # the gradient of each rank covers only its part of the data (sequence-parallel norms):
     # it is summed over `group` before use
     partial_grad: bool = False
+    # ranks of `group` holding the same shard (num_shards x replicas = the group's size); each
+    # one's gradient covers only its share of the data flow and they are summed over the replicas
+    replicas: int = 1
 
     @property
     def sharded(self) -> bool:
@@ -87,8 +94,8 @@ def set_spec(param: torch.nn.Parameter, spec: ShardSpec) -> torch.nn.Parameter:
 
 
 def gather(shards: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
-    """The global tensor from every rank's shard, in shard order."""
-    return torch.cat(shards, dim=spec.dim) if spec.sharded else shards[0]
+    """The global tensor from every rank's shard (every rank of the group, in rank order)."""
+    return torch.cat(shards[:: spec.replicas], dim=spec.dim) if spec.sharded else shards[0]
 
 
 def all_gather_full(
@@ -97,17 +104,33 @@ def all_gather_full(
     """The global tensor, assembled on every rank of the spec's group (collective)."""
     if not spec.sharded:
         return local
-    shards = [torch.empty_like(local) for _ in range(spec.num_shards)]
+    shards = [torch.empty_like(local) for _ in range(spec.num_shards * spec.replicas)]
     dist.all_gather(shards, local.contiguous(), group=groups[spec.group])
     return gather(shards, spec)
 
 
 def sync_partial_grads(params, groups: dict[str, dist.ProcessGroup]) -> None:
-    """Sum the gradients that each rank holds only a part of (see ShardSpec.partial_grad)."""
+    """Sum the gradients that each rank holds only a part of (see ShardSpec.partial_grad and
+    ShardSpec.replicas)."""
     for p in params:
         spec = spec_of(p)
         if spec.partial_grad and p.grad is not None and dist.get_world_size(groups[spec.group]) > 1:
             dist.all_reduce(p.grad, group=groups[spec.group])
+        if spec.replicas > 1 and p.grad is not None:
+            sum_over_replicas(p.grad, spec, groups[spec.group])
+
+
+def sum_over_replicas(local: torch.Tensor, spec: ShardSpec, group: dist.ProcessGroup) -> None:
+    """Replace `local` on every rank by the sum over the ranks holding the same shard.
+
+    Each rank places its shard in a zero tensor of the global shape and the group all-reduces
+    it: no process group per shard is needed, and the buffer is small (replicated shards are kv
+    heads, fewer than the tp ranks, so it is no larger than one rank's query weight)."""
+    full = local.new_zeros(spec.global_shape)
+    offset, size = spec.offsets[spec.dim], spec.local_shape[spec.dim]
+    full.narrow(spec.dim, offset, size).copy_(local)
+    dist.all_reduce(full, group=group)
+    local.copy_(full.narrow(spec.dim, offset, size))
 
 
 def global_grad_norm(params, groups: dict[str, dist.ProcessGroup]) -> torch.Tensor:
@@ -125,7 +148,7 @@ def global_grad_norm(params, groups: dict[str, dist.ProcessGroup]) -> torch.Tens
         sq = p.grad.detach().float().pow(2).sum()
         spec = spec_of(p)
         if spec.sharded:
-            by_group[spec.group] = by_group.get(spec.group, 0) + sq
+            by_group[spec.group] = by_group.get(spec.group, 0) + sq / spec.replicas
         else:
             total = sq if total is None else total + sq
     total = torch.zeros(()) if total is None else total

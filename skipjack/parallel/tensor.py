@@ -49,8 +49,16 @@ class TensorParallel:
     rank: int = 0
     sequence_parallel: bool = False
 
-    def shard_spec(self, global_shape: tuple[int, ...], dim: int, heads=None) -> ShardSpec:
-        return ShardSpec(tuple(global_shape), dim, "tp", self.size, self.rank, heads)
+    def shard_spec(
+        self, global_shape: tuple[int, ...], dim: int, heads=None, num_shards: int | None = None
+    ) -> ShardSpec:
+        """`global_shape` split along `dim` into `num_shards` (default: tp) shards; with fewer
+        shards than ranks, neighbouring ranks hold the same shard (ShardSpec.replicas)."""
+        shards = num_shards or self.size
+        replicas = self.size // shards
+        return ShardSpec(
+            tuple(global_shape), dim, "tp", shards, self.rank // replicas, heads, replicas=replicas
+        )
 
 
 def _all_gather_seq(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:

@@ -20,6 +20,8 @@ from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
 from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step, train_step
 
+CPU = torch.device("cpu")
+
 
 def tiny_config(**overrides) -> ModelConfig:
     """A 2-layer GQA model small enough for multi-rank tests on 2 cores."""
@@ -53,17 +55,17 @@ class SyntheticSamples:
         return {"tokens": self.text[i, :-1], "labels": self.text[i, 1:], "loss_mask": self.mask[i]}
 
 
-def _build(job: TrainJobConfig, data_seed: int):
+def build_run(job: TrainJobConfig, data_seed: int, device: torch.device = CPU):
     """This rank's layout (dp = world / (pp x tp)), a loader over synthetic samples, and what it
-    trains with, for `job`."""
+    trains with on `device`, for `job`."""
     p, t = job.parallel, job.train
     dp = dist.get_world_size() // (p.tp * p.pp)
-    dims = ParallelDims(dp=dp, pp=p.pp, tp=p.tp, rank=dist.get_rank()).build_groups()
+    dims = ParallelDims(dp=dp, pp=p.pp, tp=p.tp, rank=dist.get_rank()).build_groups(device.type)
     data = SyntheticSamples(
         t.steps * t.global_batch_size, t.seq_len, job.model.vocab_size, data_seed
     )
     loader = ShardedLoader(data, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp)
-    return dims, loader, build_training(job, dims, loader.accumulation_steps, torch.device("cpu"))
+    return dims, loader, build_training(job, dims, loader.accumulation_steps, device)
 
 
 def train_reference(
@@ -110,8 +112,8 @@ def train_reference(
             dtype="fp32",
         ),
     )
-    dims, loader, training = _build(job, seed)
-    device, runtime = torch.device("cpu"), training.runtime
+    dims, loader, training = build_run(job, seed)
+    device, runtime = CPU, training.runtime
     history = []
     for _ in range(steps):
         loss = forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
@@ -152,11 +154,13 @@ def checkpointed_run(
     seq_len: int = 32,
     until: int | None = None,
     optim: OptimConfig | None = None,
+    device: torch.device = CPU,
+    dtype: str = "fp32",
 ) -> dict[int, float]:
     """Train a run of `steps` steps (the LR schedule's length) up to step `until` (default: the
-    end) with the trainer's step function in the current process group (dp = world / (pp x tp)),
-    resuming first per `resume`, saving every `interval` steps; returns the loss of every step
-    run."""
+    end) with the trainer's step function in the current process group (dp = world / (pp x tp))
+    on `device` in `dtype`, resuming first per `resume`, saving every `interval` steps; returns
+    the loss of every step run."""
     job = TrainJobConfig(
         model=model_cfg,
         parallel=ParallelConfig(tp=tp, pp=pp, vocab_parallel=vocab_parallel, bucket_mb=0.05),
@@ -166,14 +170,13 @@ def checkpointed_run(
             global_batch_size=global_batch_size,
             micro_batch_size=micro_batch_size,
             seq_len=seq_len,
-            dtype="fp32",
+            dtype=dtype,
         ),
         checkpoint=CheckpointConfig(
             interval=interval, dir=checkpoint_dir, keep_last=10, resume=resume
         ),
     )
-    dims, loader, training = _build(job, data_seed=0)
-    device = torch.device("cpu")
+    dims, loader, training = build_run(job, 0, device)
     checkpoints = CheckpointManager(job.checkpoint, job.model, dims, dist.get_rank() == 0)
     restored = checkpoints.restore(training, loader)
     start = 0 if restored is None else restored["step"]

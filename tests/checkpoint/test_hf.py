@@ -2,14 +2,20 @@
 safetensors) imported into tp=2 and pp=2 layouts (tied: with vocabulary parallelism) gives
 transformers' logits; exported back, it loads in transformers with the same logits."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from skipjack.checkpoint.convert import export_hf, import_hf, init_model_config
+from skipjack.checkpoint.convert import main as convert_main
 from skipjack.checkpoint.manager import CheckpointManager
-from skipjack.checkpoint.sharded import load_model
+from skipjack.checkpoint.marker import marked_model
+from skipjack.checkpoint.sharded import load_model, read_model
 from skipjack.config import (
     CheckpointConfig,
     ModelConfig,
@@ -17,6 +23,7 @@ from skipjack.config import (
     TrainConfig,
     TrainJobConfig,
 )
+from skipjack.models.llama import Llama
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
 from skipjack.trainer.trainer import build_training
@@ -106,3 +113,187 @@ def test_import_into_layouts_and_export_back(tmp_path, tied, sharded):
     with torch.no_grad():
         assert (reloaded(tokens).logits - expected).abs().max() <= 1e-4
     assert reloaded.config.tie_word_embeddings == tied
+
+
+# -- every supported variant, single process, against transformers ----------------------------
+
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=250,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
+VARIANTS = {
+    "linear-rope": dict(rope_parameters={"rope_type": "linear", "factor": 4.0}),
+    "llama3-rope": dict(
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    ),
+    "yarn-rope": dict(
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    ),
+    "head-dim": dict(head_dim=32),  # not hidden_size / heads = 16
+    "tied-gqa-4to1": dict(num_attention_heads=8, tie_word_embeddings=True),
+    "tied-one-kv-head": dict(num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+def save_hf(path, dtype, sharded, **overrides):
+    """transformers' random Llama of BASE + `overrides` saved in `dtype`; its fp32 logits of
+    some tokens, computed from the saved (rounded) weights."""
+    config = LlamaConfig(**(BASE | overrides))
+    config.rope_parameters.setdefault("rope_theta", 10000.0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(
+        path, max_shard_size="100KB" if sharded else "5GB"
+    )
+    reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 250, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return tokens, reference(tokens).logits
+
+
+def skipjack_logits(directory, tokens):
+    """Logits of a skipjack checkpoint, as one process builds the model from it."""
+    cfg = marked_model(directory)
+    model = Llama(cfg).init_weights(0)
+    with torch.no_grad():
+        for name, value in read_model(str(directory)).items():
+            model.get_parameter(name).copy_(value)
+        return model.eval()(tokens)
+
+
+def safetensors_dtypes(directory):
+    dtypes = set()
+    for file in Path(directory).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    return dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_imports_with_transformers_logits_and_exports_back(tmp_path, variant, dtype):
+    """Imported, the model gives transformers' logits (fp32 compute, max abs difference 1e-5);
+    exported, transformers loads it in the same dtype with the same config and logits. bf16
+    checkpoints are sharded (model.safetensors.index.json), fp32 ones are single files."""
+    sharded = dtype == torch.bfloat16
+    tokens, expected = save_hf(tmp_path / "hf", dtype, sharded, **VARIANTS[variant])
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == sharded
+    imported = import_hf(tmp_path / "hf", tmp_path / "imported")
+    assert (skipjack_logits(imported, tokens) - expected).abs().max() <= 1e-5
+    exported = export_hf(imported, tmp_path / "exported")
+    source = json.loads((tmp_path / "hf" / "config.json").read_text())
+    written = json.loads((exported / "config.json").read_text())
+    for key in ("head_dim", "tie_word_embeddings", "num_key_value_heads", "dtype"):
+        assert written[key] == source[key], key
+    assert safetensors_dtypes(exported) == {"BF16" if sharded else "F32"}
+    reloaded = LlamaForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    # every RoPE parameter of the source, the defaults transformers fills in made explicit
+    assert reloaded.config.rope_parameters.items() >= source["rope_parameters"].items()
+    with torch.no_grad():
+        assert (reloaded(tokens).logits - expected).abs().max() <= 1e-5
+    as_fp32 = export_hf(imported, tmp_path / "fp32", dtype="fp32")
+    assert safetensors_dtypes(as_fp32) == {"F32"}
+
+
+def test_transformers_4_config_with_rope_scaling_imports(tmp_path):
+    """A Llama-3.1-style config.json as transformers 4 wrote it (rope_scaling, rope_theta at the
+    top level) imports as the same model."""
+    tokens, expected = save_hf(tmp_path / "hf", torch.float32, False, **VARIANTS["llama3-rope"])
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    scaling = config.pop("rope_parameters")
+    config["rope_theta"] = scaling.pop("rope_theta")
+    config["rope_scaling"] = scaling
+    path.write_text(json.dumps(config))
+    imported = import_hf(tmp_path / "hf", tmp_path / "imported")
+    assert (skipjack_logits(imported, tokens) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "rope_type"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"model_type": "mistral"}, "model_type"),
+        ({"sliding_window": 4096}, "sliding_window"),
+    ],
+)
+def test_unrepresentable_configs_are_refused_in_one_line(tmp_path, capsys, change, field):
+    """skipjack convert: one line naming the field, its value and what skipjack supports."""
+    hf = tmp_path / "hf"
+    save_hf(hf, torch.float32, False)
+    config = json.loads((hf / "config.json").read_text())
+    config.update(change)
+    (hf / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # what transformers printed
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["import", str(hf), str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("skipjack convert: ") and field in line and "supports" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def _truncate_first_shard(hf):
+    shard = sorted(hf.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+
+def _delete_a_shard(hf):
+    sorted(hf.glob("*.safetensors"))[-1].unlink()
+
+
+def _drop_a_tensor(hf):
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _garble_config(hf):
+    (hf / "config.json").write_text('{"model_type": "llama", ')
+
+
+@pytest.mark.parametrize(
+    "damage,says",
+    [
+        (_truncate_first_shard, "unreadable"),
+        (_delete_a_shard, "missing"),
+        (_drop_a_tensor, "has no tensor model.layers.1.mlp.up_proj.weight"),
+        (_garble_config, "config.json: unreadable"),
+    ],
+)
+def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys, damage, says):
+    hf = tmp_path / "hf"
+    save_hf(hf, torch.float32, True)
+    damage(hf)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        convert_main(["import", str(hf), str(tmp_path / "out")])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("skipjack convert: ") and says in line, line
+
+
+def test_one_kv_head_at_tp2_gives_transformers_logits_and_saves_for_tp1(tmp_path):
+    """tp=2 with one kv head (each rank holds a replica): transformers' logits; saved there
+    (every replica writes half of the head's rows) and loaded at tp=1, the same logits."""
+    tokens, expected = save_hf(tmp_path / "hf", torch.float32, False, num_key_value_heads=1)
+    saved = tmp_path / "saved"
+    results = run_ranks(logits_in_layout, 2, tmp_path / "hf", tokens, 2, 1, "none", saved)
+    assert all((got - expected).abs().max() <= 1e-5 for got in results)
+    (again,) = run_ranks(logits_in_layout, 1, saved / "step-0000000", tokens, 1, 1)
+    assert (again - expected).abs().max() <= 1e-5

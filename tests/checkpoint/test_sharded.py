@@ -43,13 +43,22 @@ LAYOUTS = {  # (dp, pp, tp) -> (world, tp, pp)
     (1, 1, 1): (1, 1, 1),
     (1, 4, 1): (4, 1, 4),
     (4, 1, 1): (4, 1, 1),
+    (1, 2, 1): (2, 1, 2),
 }
 
 
-def run_layout(layout, until, directory, interval, resume):
+RESHARD_STEPS = 6
+
+
+def run_layout(layout, until, directory, interval, resume, vocab="none"):
     world, tp, pp = LAYOUTS[layout]
-    args = (CFG, 4, directory, interval, resume, tp, pp, "none", 8, 2, 32, until)
+    args = (CFG, RESHARD_STEPS, directory, interval, resume, tp, pp, vocab, 8, 2, 32, until)
     return run_ranks(checkpointed_run, world, *args)[0]
+
+
+def assert_same_losses(straight, resumed):
+    for step, loss in resumed.items():
+        assert abs(loss - straight[step]) <= 1e-6 * abs(straight[step]), (step, straight, resumed)
 
 
 SOURCE = (1, 2, 2)
@@ -57,20 +66,56 @@ SOURCE = (1, 2, 2)
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-    """(dp, pp, tp) = (1, 2, 2) for 4 steps, saving after step 2: its losses and its root."""
+    """(dp, pp, tp) = (1, 2, 2) for 6 steps, saving after step 2: its losses and its root."""
     root = tmp_path_factory.mktemp("source")
-    return run_layout(SOURCE, 4, str(root), 2, "none"), root
+    return run_layout(SOURCE, RESHARD_STEPS, str(root), 2, "none"), root
 
 
 @pytest.mark.parametrize("target", [(2, 1, 2), (1, 1, 1), (1, 4, 1), (4, 1, 1)])
 def test_reshard_to_another_layout_and_back(source_run, tmp_path, target):
-    """Saved by (dp, pp, tp) = (1, 2, 2) after step 2, step 3 in `target` (which saves), step 4
-    back in (1, 2, 2): both losses equal those of (1, 2, 2) throughout; optimizer states too."""
+    """Saved by (dp, pp, tp) = (1, 2, 2) after step 2, steps 3 and 4 in `target` (which saves
+    after 4), steps 5 and 6 back in (1, 2, 2): every loss equals that of (1, 2, 2) throughout.
+    The first step after a resume sees the restored weights only; the second also sees the
+    update made with the restored Adam moments, so steps 4 and 6 check the optimizer states."""
     straight, root = source_run
-    there = run_layout(target, 3, str(tmp_path / "b"), 3, str(root / "step-0000002"))
-    assert abs(there[3] - straight[3]) <= 1e-6 * abs(straight[3])
-    back = run_layout(SOURCE, 4, str(tmp_path / "c"), 0, str(tmp_path / "b" / "step-0000003"))
-    assert abs(back[4] - straight[4]) <= 1e-6 * abs(straight[4])
+    there = run_layout(target, 4, str(tmp_path / "b"), 4, str(root / "step-0000002"))
+    assert sorted(there) == [3, 4]
+    assert_same_losses(straight, there)
+    back = run_layout(SOURCE, 6, str(tmp_path / "c"), 0, str(tmp_path / "b" / "step-0000004"))
+    assert sorted(back) == [5, 6]
+    assert_same_losses(straight, back)
+
+
+def test_vocab_parallel_checkpoint_resumes_without_it_and_back(tmp_path):
+    """pp=2 with vocabulary parallelism (alg2) saves after step 2; pp=2 without it runs steps 3
+    and 4 and saves; with it again, steps 5 and 6: the vocabulary shards of the embedding and
+    output layer and their Adam moments reshard to the first and last stage and back."""
+    straight = run_layout((1, 2, 1), RESHARD_STEPS, str(tmp_path / "a"), 2, "none", "alg2")
+    there = run_layout((1, 2, 1), 4, str(tmp_path / "b"), 4, str(tmp_path / "a" / "step-0000002"))
+    assert_same_losses(straight, there)
+    resume = str(tmp_path / "b" / "step-0000004")
+    back = run_layout((1, 2, 1), 6, str(tmp_path / "c"), 0, resume, "alg2")
+    assert sorted(back) == [5, 6]
+    assert_same_losses(straight, back)
+
+
+def test_replicated_kv_heads_reshard_to_tp1_and_back(tmp_path):
+    """One kv head at tp=2 (both ranks hold it, each writes half its rows): saved after step 2,
+    steps 3 and 4 at tp=1 and steps 5 and 6 back at tp=2 give tp=2's losses; steps 4 and 6
+    depend on the restored Adam moments of the replicated head too."""
+    cfg = tiny_config(n_layers=2, n_kv_heads=1)
+
+    def run(world, tp, directory, interval, resume, until=RESHARD_STEPS):
+        args = (cfg, RESHARD_STEPS, str(tmp_path / directory), interval, resume, tp, 1)
+        return run_ranks(checkpointed_run, world, *args, "none", 8, 2, 32, until)[0]
+
+    straight = run(2, 2, "a", 2, "none")
+    there = run(1, 1, "b", 4, str(tmp_path / "a" / "step-0000002"), until=4)
+    assert sorted(there) == [3, 4]
+    assert_same_losses(straight, there)
+    back = run(2, 2, "c", 0, str(tmp_path / "b" / "step-0000004"))
+    assert sorted(back) == [5, 6]
+    assert_same_losses(straight, back)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,10 @@ from skipjack.models.llama import (
     PRESETS,
     Llama,
     Stage,
-    apply_rope,
     num_parameters,
     preset,
-    rope_cos_sin,
-    rope_frequencies,
 )
+from skipjack.models.rope import apply_rope, rope_cos_sin, rope_frequencies
 from skipjack.testing.reference import tiny_config
 
 

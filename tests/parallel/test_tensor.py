@@ -14,7 +14,12 @@ from skipjack.testing.reference import assert_same_history, tiny_config, train_r
 
 STEPS = 5
 # vocab 255 is padded to 256 under tp=2: padded logits must stay out of the loss
-CONFIGS = {"even": tiny_config(), "padded": tiny_config(vocab_size=255)}
+# one kv head under tp=2: each rank holds a replica of it (Megatron's way)
+CONFIGS = {
+    "even": tiny_config(),
+    "padded": tiny_config(vocab_size=255),
+    "one-kv-head": tiny_config(n_kv_heads=1),
+}
 
 
 @functools.cache
@@ -25,8 +30,14 @@ def single(config: str):
 
 @pytest.mark.parametrize(
     "config,world,tp,sp",
-    [("even", 2, 2, False), ("padded", 2, 2, True), ("even", 4, 2, False), ("padded", 4, 2, True)],
-    ids=["tp2", "tp2-sp-padded-vocab", "tp2xdp2", "tp2xdp2-sp-padded-vocab"],
+    [
+        ("even", 2, 2, False),
+        ("padded", 2, 2, True),
+        ("even", 4, 2, False),
+        ("padded", 4, 2, True),
+        ("one-kv-head", 2, 2, True),
+    ],
+    ids=["tp2", "tp2-sp-padded-vocab", "tp2xdp2", "tp2xdp2-sp-padded-vocab", "tp2-replicated-kv"],
 )
 def test_tensor_parallel_matches_single_process(config, world, tp, sp):
     micro = 4 // (world // tp)
