@@ -15,11 +15,18 @@ For every pipeline degree, vocabulary size and method, in this one run:
   (tensors autograd saved, parameters excluded, plus the state the vocabulary passes keep);
   the max over ranks.
 
+`alg2-paper` is alg2 on the paper's schedule: one extra warm-up forward (p + 1 microbatches in
+flight on the first stage) where skipjack ships two (`EXTRA_WARMUP`, p + 2), run by the same
+runtime: the measured price of the second warm-up in activation memory and what it buys in time.
+
 Paper part: the simulator's prediction of MFU for the paper's 8-GPU 1F1B setting (hidden 3072,
 32 layers, 24 heads, sequence 4096, 128 microbatches; vocab 32k to 256k), from the same cost
 model the trainer uses to place the vocabulary passes, next to the MFU the paper measured
 (Yeung et al. 2025, table 5). The prediction assumes every FLOP runs at peak, so compare ratios
-between methods, not absolute values.
+between methods, not absolute values. A second paper-setting table puts alg2 with one and two
+extra warm-up forwards side by side: the most microbatches any rank holds, the activation memory
+that takes (34 s h bytes per layer and microbatch in bf16, Korthikanti et al. 2022, with
+flash attention storing no s x s scores) and the simulated MFU.
 """
 
 from __future__ import annotations
@@ -42,10 +49,13 @@ from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
 from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entropy
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples, tiny_config
+from skipjack.trainer import pipeline
 from skipjack.trainer.pipeline import EXTRA_WARMUP, pipeline_cost_model, stage_layers
 from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
 
 METHODS = ("baseline", "redistribute", "alg1", "alg2")
+PAPER_ALG2 = "alg2-paper"  # alg2 with the paper's single extra warm-up forward
+MEASURED = METHODS + (PAPER_ALG2,)
 SEQ_LEN, MICROBATCHES = 128, 8
 # Yeung et al. 2025, table 5: 8 GPUs, 1F1B, sequence 4096; MFU (%) at vocab 32k/64k/128k/256k
 PAPER_VOCABS = (32768, 65536, 131072, 262144)
@@ -65,7 +75,7 @@ def model(vocab: int, dim: int = 256, layers: int = 8, heads: int = 8, ffn: int 
 
 
 def job_for(cfg: ModelConfig, method: str, pp: int, seq_len: int = SEQ_LEN) -> TrainJobConfig:
-    vocab = method if method.startswith("alg") else "none"
+    vocab = method.removesuffix("-paper") if method.startswith("alg") else "none"
     partition = "redistribute" if method == "redistribute" else "even"
     return TrainJobConfig(
         model=cfg,
@@ -188,8 +198,10 @@ class _Held:
                 del self.meter.live[self.ptr]
 
 
-def run_steps(job: TrainJobConfig, steps: int) -> dict:
+def run_steps(job: TrainJobConfig, steps: int, extra_warmup: int | None = None) -> dict:
     device = torch.device("cpu")
+    if extra_warmup is not None:  # this process only: the trainer's schedule with other slack
+        pipeline.EXTRA_WARMUP = {**EXTRA_WARMUP, job.parallel.vocab_parallel: extra_warmup}
     dims = ParallelDims(dp=1, pp=job.parallel.pp, rank=dist.get_rank()).build_groups()
     training = build_training(job, dims, MICROBATCHES, device)
     runtime = training.runtime
@@ -217,20 +229,28 @@ def run_steps(job: TrainJobConfig, steps: int) -> dict:
 # -- the paper's setting, simulated ----------------------------------------------------------
 
 
-def predicted_mfu(method: str, vocab: int, pp: int = 8, microbatches: int = 128) -> float:
-    """Model FLOPs over pp x makespan, every pass at peak speed (cost unit = forward FLOPs)."""
-    cfg = model(vocab, dim=3072, layers=32, heads=24, ffn=8192, seq=4096)
-    job = job_for(cfg, method, pp, seq_len=4096)
+def paper_setting(
+    method: str, vocab: int, pp: int = 8, microbatches: int = 128, extra_warmup: int | None = None
+) -> tuple[float, int, float]:
+    """(MFU, most microbatches any rank holds, the most activation bytes any rank holds) of the
+    paper's setting: model FLOPs over pp x makespan, every pass at peak speed (cost unit =
+    forward FLOPs); activations 34 s h bytes per layer and microbatch (bf16, flash attention)."""
+    seq, dim = 4096, 3072
+    cfg = model(vocab, dim=dim, layers=32, heads=24, ffn=8192, seq=seq)
+    job = job_for(cfg, method, pp, seq_len=seq)
     layers = stage_layers(job, pp)
     vocab_parallel = job.parallel.vocab_parallel
-    cost = pipeline_cost_model(cfg, 4096, layers, vocab_parallel, pp)
-    schedule = build_schedule("1f1b", pp, microbatches, 1, EXTRA_WARMUP[vocab_parallel])
+    if extra_warmup is None:
+        extra_warmup = EXTRA_WARMUP[vocab_parallel]
+    cost = pipeline_cost_model(cfg, seq, layers, vocab_parallel, pp)
+    schedule = build_schedule("1f1b", pp, microbatches, 1, extra_warmup)
     if vocab_parallel != "none":
         schedule = insert_vocab_passes(schedule, cost)
-    makespan = simulate(schedule, cost).makespan
-    plain = pipeline_cost_model(cfg, 4096, layers)  # everything on stages: the model's FLOPs
+    result = simulate(schedule, cost)
+    plain = pipeline_cost_model(cfg, seq, layers)  # everything on stages: the model's FLOPs
     useful = 3 * microbatches * sum(plain.forward)
-    return useful / (pp * makespan)
+    held = [n * len(layers[r]) * 34 * seq * dim for r, n in enumerate(result.peak_activations)]
+    return useful / (pp * result.makespan), max(result.peak_activations), max(held)
 
 
 def main() -> None:
@@ -246,11 +266,16 @@ def main() -> None:
     for pp in args.pp:
         for vocab in args.vocab:
             cfg = model(vocab)
-            for method in METHODS:
+            work = {}
+            for method in MEASURED:
                 job = job_for(cfg, method, pp)
-                work = [stage_work(job, rank) for rank in range(pp)]
-                results = run_ranks(run_steps, pp, job, args.steps, timeout=1800)
-                seconds, params = zip(*work, strict=True)
+                if method == PAPER_ALG2:  # the same stages as alg2, another schedule
+                    work[method] = work["alg2"]
+                else:
+                    work[method] = [stage_work(job, rank) for rank in range(pp)]
+                warmup = 1 if method == PAPER_ALG2 else None
+                results = run_ranks(run_steps, pp, job, args.steps, warmup, timeout=1800)
+                seconds, params = zip(*work[method], strict=True)
                 rows.append(
                     {
                         "pp": pp,
@@ -286,7 +311,7 @@ def main() -> None:
     print(f"{'vocab':>8} " + "".join(f"{m:>26}" for m in METHODS))
     paper_rows = []
     for i, vocab in enumerate(PAPER_VOCABS):
-        predicted = {m: predicted_mfu(m, vocab, 8, args.paper_microbatches) for m in METHODS}
+        predicted = {m: paper_setting(m, vocab, 8, args.paper_microbatches)[0] for m in METHODS}
         paper_rows.append({"vocab": vocab, "predicted": predicted})
         best_p, best_m = max(predicted.values()), max(PAPER_MFU[m][i] for m in METHODS)
         cells = "".join(
@@ -296,6 +321,17 @@ def main() -> None:
         )
         print(f"{vocab:>8} {cells}")
     print("(each cell: simulated MFU (ratio to the best method), paper MFU % (ratio to the best))")
+    print("\nPaper setting, alg2: one extra warm-up forward (the paper's) against two (skipjack's)")
+    print(f"{'vocab':>8}{'warm-ups':>9}{'most held':>10}{'act GiB':>9}{'vs one':>8}{'MFU':>8}")
+    for vocab in PAPER_VOCABS:
+        one, two = (paper_setting("alg2", vocab, 8, args.paper_microbatches, w) for w in (1, 2))
+        for warmups, (mfu, held, act) in ((1, one), (2, two)):
+            row = {"vocab": vocab, "extra_warmup": warmups, "mfu": mfu, "microbatches_held": held}
+            paper_rows.append(row | {"activation_bytes": act})
+            print(
+                f"{vocab:>8}{warmups:>9}{held:>10}{act / 2**30:>9.1f}{act / one[2]:>7.2f}x"
+                f"{mfu:>8.1%}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows, "paper": paper_rows}, f, indent=2)
