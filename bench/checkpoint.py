@@ -38,8 +38,9 @@ from skipjack.checkpoint.marker import file_digest
 from skipjack.checkpoint.sharded import full_state, load
 from skipjack.config import CheckpointConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.data.loader import ShardedLoader
+from skipjack.launch.env import init_distributed
 from skipjack.models.llama import num_parameters, preset
-from skipjack.parallel.dims import ParallelDims, init_distributed
+from skipjack.parallel.dims import ParallelDims
 from skipjack.testing.reference import SyntheticSamples
 from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
 

@@ -41,8 +41,9 @@ import torch.distributed as dist
 
 from skipjack.config import ModelConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.data.loader import ShardedLoader
+from skipjack.launch.env import init_distributed
 from skipjack.models.llama import Llama, Stage, VocabShards
-from skipjack.parallel.dims import ParallelDims, init_distributed
+from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.schedule import build_schedule
 from skipjack.parallel.pipeline.simulate import simulate
 from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes

@@ -30,9 +30,9 @@ def _fail(error: ConfigError) -> None:
 def train_app(cfg: DictConfig) -> None:
     try:
         if cfg.launch.name == "local" or discover().launcher != "single":
-            from skipjack.trainer.trainer import train
+            from skipjack.launch.local import run_here
 
-            train(cfg)
+            run_here(cfg)
         else:
             sys.exit(_launch(cfg))
     except ConfigError as e:

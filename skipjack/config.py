@@ -292,6 +292,29 @@ def head_dim(m: ModelConfig) -> int:
     return m.head_dim if m.head_dim is not None else m.dim // m.n_heads
 
 
+def parameter_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """The global shape (vocabulary unpadded) of Llama parameter `name` under config `cfg`: what
+    a checkpoint of `cfg` holds, whatever the layout."""
+    hd = head_dim(cfg)
+    leaf = name.split(".")[-2]
+    shapes = {
+        "tok_embeddings": (cfg.vocab_size, cfg.dim),
+        "output": (cfg.vocab_size, cfg.dim),
+        "wq": (cfg.n_heads * hd, cfg.dim),
+        "wk": (cfg.n_kv_heads * hd, cfg.dim),
+        "wv": (cfg.n_kv_heads * hd, cfg.dim),
+        "wo": (cfg.dim, cfg.n_heads * hd),
+        "w1": (cfg.ffn_dim, cfg.dim),
+        "w3": (cfg.ffn_dim, cfg.dim),
+        "w2": (cfg.dim, cfg.ffn_dim),
+    }
+    if leaf in shapes:
+        return shapes[leaf]
+    if name.endswith("norm.weight"):
+        return (cfg.dim,)
+    raise KeyError(f"no parameter named {name!r} in a Llama model")
+
+
 def validate_model(m: ModelConfig) -> None:
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         _positive(f"model.{name}", getattr(m, name))

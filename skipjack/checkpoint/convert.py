@@ -23,7 +23,7 @@ from skipjack.atomic import replacing_dir
 from skipjack.checkpoint import hf
 from skipjack.checkpoint.marker import marked_model, verify, write_marker
 from skipjack.checkpoint.sharded import CheckpointError, check_hf, read_model, write_model
-from skipjack.config import ConfigError, ModelConfig, validate_model
+from skipjack.config import ConfigError, ModelConfig, parameter_shape, validate_model
 
 _TRAINING_FIELDS = ("name", "init_std", "activation_checkpointing", "init_from")
 
@@ -50,7 +50,7 @@ def import_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     cfg = checkpoint.config
     validate_model(cfg)
     names = hf.parameter_names(cfg)
-    check_hf(checkpoint, cfg, names)
+    check_hf(checkpoint, {name: parameter_shape(cfg, name) for name in names})
     tensors = {name: checkpoint.read(name) for name in names}
     with replacing_dir(target) as tmp:
         write_model(tensors, str(tmp))

@@ -32,8 +32,6 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.tensor import DTensor, Shard
 
-from skipjack.config import ModelConfig
-from skipjack.models.llama import parameter_shape
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import ShardSpec, spec_of, sum_over_replicas
 
@@ -42,20 +40,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: names the file or parameter and what to do."""
 
 
-def _global(local: torch.Tensor, spec: ShardSpec, shape: tuple[int, ...], dims: ParallelDims):
-    """`local` (this rank's shard, padding included) as a view of the global tensor `shape`.
+def _global(local: torch.Tensor, spec: ShardSpec, dims: ParallelDims):
+    """`local` (this rank's shard, padding included) as a view of the global tensor of the real
+    values (`spec.unpadded_shape`).
 
     A shard held by several ranks (replicated kv heads) is written, and read, in equal parts:
     the replica j of a shard takes its j-th part, so every row is written once and the global
     tensor is split evenly over every rank of the group (`join_replicas` reassembles a load)."""
     if not spec.sharded:
         return local
+    shape = spec.unpadded_shape
     if spec.replicas > 1:
         rank = dist.get_rank(dims.group(spec.group))
         part = spec.local_shape[spec.dim] // spec.replicas
         local = local.narrow(spec.dim, rank % spec.replicas * part, part)
         shards = spec.num_shards * spec.replicas
-        spec = ShardSpec(spec.global_shape, spec.dim, spec.group, shards, rank)
+        spec = ShardSpec(spec.global_shape, spec.dim, spec.group, shards, rank, true_shape=shape)
     # torch.chunk layout: ceil(n / shards) rows each, the last shard short: exactly the padded
     # split, with padding rows (beyond `shape`) dropped
     start = spec.offsets[spec.dim]
@@ -72,10 +72,8 @@ def _parameters(training) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def model_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
-    cfg = training.model_config
     return {
-        f"model/{name}": _global(p.detach(), spec_of(p), parameter_shape(cfg, name), dims)
-        for name, p in _parameters(training)
+        f"model/{name}": _global(p.detach(), spec_of(p), dims) for name, p in _parameters(training)
     }
 
 
@@ -91,7 +89,7 @@ def _state_shard_dim(optimizer, p: torch.nn.Parameter, key: str, value) -> int |
 
 
 def _optimizer_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
-    cfg, state = training.model_config, {}
+    state = {}
     for name, p in _parameters(training):
         spec = spec_of(p)
         for key, value in training.optimizer.state.get(p, {}).items():
@@ -103,12 +101,12 @@ def _optimizer_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
                 # size is the parameter's true one (vocabulary padding dropped)
                 padded, shape = list(value.shape), list(value.shape)
                 padded[dim] *= spec.num_shards
-                shape[dim] = parameter_shape(cfg, name)[spec.dim]
+                shape[dim] = spec.unpadded_shape[spec.dim]
                 value_spec = ShardSpec(
                     tuple(padded), dim, spec.group, spec.num_shards, spec.index,
-                    replicas=spec.replicas,
+                    replicas=spec.replicas, true_shape=tuple(shape),
                 )  # fmt: skip
-                value = _global(value, value_spec, tuple(shape), dims)
+                value = _global(value, value_spec, dims)
             state[f"optim/{name}/{key}"] = value
     return state
 
@@ -222,8 +220,7 @@ def _check_shapes(
 def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup) -> dict:
     """Fill this rank's parameters, optimizer and LR schedule from `directory`; returns the
     trainer, loader and rng values."""
-    cfg = training.model_config
-    check_model(directory, {n: parameter_shape(cfg, n) for n, _ in _parameters(training)})
+    check_model(directory, _expected_shapes(training))
     metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     if not any(key.startswith("trainer") for key in metadata):
         raise CheckpointError(
@@ -264,11 +261,16 @@ def join_replicas(training, dims: ParallelDims, optimizer: bool) -> None:
             sum_over_replicas(tensor, spec, group)
 
 
-def check_hf(checkpoint, cfg: ModelConfig, names: list[str]) -> None:
-    """Raise CheckpointError naming the first of weights `names` of model `cfg` that a Hugging
-    Face checkpoint (an `hf.HFCheckpoint`) lacks or holds in another shape."""
+def _expected_shapes(training) -> dict[str, tuple[int, ...]]:
+    """The global shape a checkpoint holds of every parameter this rank trains."""
+    return {name: spec_of(p).unpadded_shape for name, p in _parameters(training)}
+
+
+def check_hf(checkpoint, expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise CheckpointError naming the first weight of `expected` (name: global shape) that a
+    Hugging Face checkpoint (an `hf.HFCheckpoint`) lacks or holds in another shape."""
     saved = {name: checkpoint.shape(name) for name in checkpoint.names()}
-    _check_shapes(str(checkpoint.path), saved, {n: parameter_shape(cfg, n) for n in names})
+    _check_shapes(str(checkpoint.path), saved, expected)
 
 
 def load_model(training, dims: ParallelDims, source: str, group: dist.ProcessGroup) -> None:
@@ -277,12 +279,10 @@ def load_model(training, dims: ParallelDims, source: str, group: dist.ProcessGro
     reads only the parts of the weights it holds."""
     from skipjack.checkpoint import hf
 
-    cfg = training.model_config
-    params = _parameters(training)
-    expected = {name: parameter_shape(cfg, name) for name, _ in params}
+    params, expected = _parameters(training), _expected_shapes(training)
     if hf.is_hf_dir(source):
-        checkpoint = hf.HFCheckpoint(source, cfg)
-        check_hf(checkpoint, cfg, list(expected))
+        checkpoint = hf.HFCheckpoint(source, training.model_config)
+        check_hf(checkpoint, expected)
         with torch.no_grad():
             for name, p in params:
                 p.copy_(checkpoint.read(name, spec_of(p)))

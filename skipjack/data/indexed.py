@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skipjack.batch import IGNORE_INDEX, MicroBatch
 from skipjack.data.tokenizer import Tokenizer
 
 logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines would drown the run
@@ -121,10 +122,11 @@ def build_gpt_datasets(
     return train, valid
 
 
-def sample_batch(dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, labels) for dataset samples; labels are -100 where the loss is masked."""
+def sample_batch(dataset, indices: Sequence[int]) -> MicroBatch:
+    """The micro-batch of dataset samples `indices`; labels IGNORE_INDEX where the loss is
+    masked."""
     samples = [dataset[int(i)] for i in indices]
     tokens = torch.stack([s["tokens"] for s in samples])
     labels = torch.stack([s["labels"] for s in samples])
     mask = torch.stack([s["loss_mask"] for s in samples])
-    return tokens, labels.masked_fill(mask == 0, -100)
+    return MicroBatch(tokens, labels.masked_fill(mask == 0, IGNORE_INDEX))

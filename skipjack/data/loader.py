@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
+from skipjack.batch import MicroBatch
 from skipjack.data.indexed import sample_batch
-
-MicroBatch = tuple[torch.Tensor, torch.Tensor]
 
 
 class ShardedLoader:

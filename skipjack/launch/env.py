@@ -3,7 +3,7 @@ read from whichever launcher started it, so `skipjack train` needs no launcher f
 
 - torchrun, Ray Train's workers, and anything else that sets `RANK`, `WORLD_SIZE`,
   `MASTER_ADDR`, `MASTER_PORT` ("env"): taken as they are. Ray Train's workers have also joined
-  a process group before the trainer runs; `parallel.dims.init_distributed` keeps that group.
+  a process group before the trainer runs; `init_distributed` keeps that group.
 - SLURM `srun` (one process per task): `SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_NTASKS`; the
   master is the first host of `SLURM_STEP_NODELIST` (or the job's node list) and the port is
   derived from the job id, so every task computes the same address without talking.
@@ -16,6 +16,10 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 
 # a SLURM job's rendezvous port: SLURM_PORT_BASE + job id % SLURM_PORT_BASE, the same in every
 # task of the job without talking (srun tasks here, node.sh's torchrun in launch/slurm.py)
@@ -84,3 +88,35 @@ def discover(environ: Mapping[str, str] | None = None) -> RankInfo:
 def backend(device_type: str) -> str:
     """NCCL with CUDA, gloo otherwise."""
     return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the default process group as the launcher that started this process says
+    (torchrun, SLURM's srun, Ray Train); (rank, world size).
+
+    A process started without a launcher is a world of one (an in-memory store, no port), so
+    the rest of skipjack has a single code path.
+    """
+    if dist.is_initialized():  # Ray Train's workers join their group before the trainer runs
+        return dist.get_rank(), dist.get_world_size()
+    info = discover()
+    timeout = timedelta(seconds=timeout_s)
+    if info.launcher == "single":
+        dist.init_process_group(
+            backend(device.type), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    else:
+        os.environ.update(info.env())  # srun sets SLURM_* only; env:// reads these
+        dist.init_process_group(backend(device.type), timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device_for_rank(kind: str = "auto") -> torch.device:
+    """The device this rank computes on: its local GPU when CUDA is there (or asked), else CPU."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
+    local_rank = discover().local_rank
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)

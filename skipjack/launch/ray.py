@@ -24,9 +24,9 @@ from skipjack.config import LaunchConfig
 
 def _worker(config: dict) -> None:
     from skipjack.config import TrainJobConfig
-    from skipjack.trainer.trainer import train
+    from skipjack.launch.local import run_here
 
-    train(OmegaConf.merge(OmegaConf.structured(TrainJobConfig), config["cfg"]))
+    run_here(OmegaConf.merge(OmegaConf.structured(TrainJobConfig), config["cfg"]))
 
 
 def run(launch: LaunchConfig, run_dir: Path, cfg: DictConfig) -> int:

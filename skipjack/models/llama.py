@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 
@@ -30,10 +31,12 @@ from skipjack.config import (
     ConfigError,
     ModelConfig,
     head_dim,
+    parameter_shape,
     validate_model,
     validate_tensor_parallel,
 )
 from skipjack.models.rope import apply_rope, rope_cos_sin
+from skipjack.models.subnet import Subnet, head_rows
 from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, replicated, set_spec, spec_of
 from skipjack.parallel.tensor import (
     TensorParallel,
@@ -100,11 +103,15 @@ def column_parallel(
     tp: TensorParallel,
     heads: HeadLayout | None = None,
     num_shards: int | None = None,
+    true_rows: int | None = None,
 ) -> nn.Linear:
     """A linear layer holding this rank's rows (output features) of the global weight, split
-    into `num_shards` (default: tp) shards."""
+    into `num_shards` (default: tp) shards; `true_rows` of the `out_features` are real (the
+    rest pad a vocabulary)."""
     layer = nn.Linear(in_features, out_features // (num_shards or tp.size), bias=False)
-    set_spec(layer.weight, tp.shard_spec((out_features, in_features), 0, heads, num_shards))
+    true_shape = None if true_rows is None else (true_rows, in_features)
+    spec = tp.shard_spec((out_features, in_features), 0, heads, num_shards, true_shape)
+    set_spec(layer.weight, spec)
     return layer
 
 
@@ -115,6 +122,15 @@ def row_parallel(
     layer = nn.Linear(in_features // tp.size, out_features, bias=False)
     set_spec(layer.weight, tp.shard_spec((out_features, in_features), 1, heads))
     return layer
+
+
+def document_causal_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean mask: query i sees key j when j <= i and both tokens belong
+    to the same document (`documents`: (batch, seq) ids)."""
+    seq = documents.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril()
+    same = documents[:, :, None] == documents[:, None, :]
+    return (same & causal)[:, None]
 
 
 class Attention(nn.Module):
@@ -133,19 +149,47 @@ class Attention(nn.Module):
         self.wv = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads, kv_shards)
         self.wo = row_parallel(cfg.n_heads * hd, cfg.dim, tp, HeadLayout(1, cfg.n_heads, hd))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal attention; `mask` (batch, 1, seq, seq), where given, says which keys each
+        query may see instead (packed documents). `heads`: only these local query heads (and
+        the kv heads they use) run, on the slices of the weights they own."""
         b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        hd = self.head_dim
+        if heads is None:
+            wq, wk, wv, wo = (m.weight for m in (self.wq, self.wk, self.wv, self.wo))
+            n_q, n_kv, kv_of = self.n_heads, self.n_kv_heads, None
+        else:
+            heads = heads.to(x.device)
+            group = self.n_heads // self.n_kv_heads
+            kv_used = torch.unique(heads // group)
+            kv_of = None
+            if len(heads) != len(kv_used) * group:  # a group cut: one kv copy per query head
+                kv_of = torch.searchsorted(kv_used, heads // group)
+            q_rows, kv_rows = head_rows(heads, hd), head_rows(kv_used, hd)
+            wq = self.wq.weight.index_select(0, q_rows)
+            wk, wv = (m.weight.index_select(0, kv_rows) for m in (self.wk, self.wv))
+            wo = self.wo.weight.index_select(1, q_rows)
+            n_q, n_kv = len(heads), len(kv_used)
+        q = apply_rope(F.linear(x, wq).view(b, s, n_q, hd), rope)
+        k = apply_rope(F.linear(x, wk).view(b, s, n_kv, hd), rope)
+        v = F.linear(x, wv).view(b, s, n_kv, hd)
+        if kv_of is not None:
+            k, v, n_kv = k.index_select(2, kv_of), v.index_select(2, kv_of), n_q
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            is_causal=True,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=n_kv != n_q,
         )
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        return F.linear(out.transpose(1, 2).reshape(b, s, -1), wo)
 
 
 class FeedForward(nn.Module):
@@ -157,8 +201,17 @@ class FeedForward(nn.Module):
         self.w3 = column_parallel(cfg.dim, cfg.ffn_dim, tp)
         self.w2 = row_parallel(cfg.ffn_dim, cfg.dim, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """`neurons`: only these local hidden neurons run (rows of w1 and w3, columns of w2)."""
+        if neurons is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        neurons = neurons.to(x.device)
+        w1, w3 = (m.weight.index_select(0, neurons) for m in (self.w1, self.w3))
+        hidden = F.silu(F.linear(x, w1)) * F.linear(x, w3)
+        return F.linear(hidden, self.w2.weight.index_select(1, neurons))
+
+
+FULL = Subnet()  # every head and neuron, unscaled
 
 
 class Block(nn.Module):
@@ -172,10 +225,26 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
         self.feed_forward = FeedForward(cfg, tp)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        tp = self.tp
-        h = x + leave_tp(self.attention(enter_tp(self.attention_norm(x), tp), rope), tp)
-        return h + leave_tp(self.feed_forward(enter_tp(self.ffn_norm(h), tp)), tp)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        subnet: Subnet | None = None,
+    ) -> torch.Tensor:
+        """The block on the residual stream `x`; with `subnet`, only its active heads and
+        neurons (outputs scaled as it says), or nothing at all when it skips the block."""
+        tp, sub = self.tp, subnet or FULL
+        if sub.skip:
+            return x
+        attended = self.attention(enter_tp(self.attention_norm(x), tp), rope, mask, sub.heads)
+        if sub.head_scale != 1.0:
+            attended = attended * sub.head_scale
+        h = x + leave_tp(attended, tp)
+        hidden = self.feed_forward(enter_tp(self.ffn_norm(h), tp), sub.neurons)
+        if sub.neuron_scale != 1.0:
+            hidden = hidden * sub.neuron_scale
+        return h + leave_tp(hidden, tp)
 
 
 class Llama(nn.Module):
@@ -218,7 +287,7 @@ class Llama(nn.Module):
             self.layers = nn.ModuleDict({str(i): Block(cfg, tp) for i in self.stage.layers})
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, tp) if self.stage.last else None
             self.output = (
-                column_parallel(cfg.dim, vocab, tp)
+                column_parallel(cfg.dim, vocab, tp, true_rows=cfg.vocab_size)
                 if self.stage.last and not (cfg.tie_embeddings or vocab_parallel)
                 else None
             )
@@ -227,13 +296,26 @@ class Llama(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.cfg.tie_embeddings else self.output.weight
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+        subnets: Mapping[int, Subnet | None] | None = None,
+    ) -> torch.Tensor:
+        """`inputs`: token ids on the first stage, hidden states on the others; `positions` and
+        `documents` (batch, seq) as in `MicroBatch` for packed sequences; `subnets`: per global
+        layer index, the part of the block to run (absent or None: all of it)."""
         h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
-        for block in self.layers.values():
+        rope = self.rope if positions is None else self.rope[positions]
+        mask = None if documents is None else document_causal_mask(documents)
+        subnets = subnets or {}
+        for index, block in self.layers.items():
+            subnet = subnets.get(int(index))
             if self.cfg.activation_checkpointing and self.training:
-                h = checkpoint(block, h, self.rope, use_reentrant=False)
+                h = checkpoint(block, h, rope, mask, subnet, use_reentrant=False)
             else:
-                h = block(h, self.rope)
+                h = block(h, rope, mask, subnet)
         if not self.stage.last:
             return h
         if self.vocab_parallel:
@@ -259,7 +341,8 @@ class VocabShards(nn.Module):
         padded = padded_vocab_size(cfg.vocab_size, num_shards)
         self.rows = padded // num_shards
         self.start = index * self.rows
-        spec = ShardSpec((padded, cfg.dim), 0, "vocab", num_shards, index)
+        true_shape = (cfg.vocab_size, cfg.dim)
+        spec = ShardSpec((padded, cfg.dim), 0, "vocab", num_shards, index, true_shape=true_shape)
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(self.rows, cfg.dim)
             self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, self.rows, bias=False)
@@ -304,27 +387,6 @@ def initial_value(cfg: ModelConfig, name: str, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * _init_std(cfg, name)
 
 
-def parameter_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
-    hd = head_dim(cfg)
-    leaf = name.split(".")[-2]
-    shapes = {
-        "tok_embeddings": (cfg.vocab_size, cfg.dim),
-        "output": (cfg.vocab_size, cfg.dim),
-        "wq": (cfg.n_heads * hd, cfg.dim),
-        "wk": (cfg.n_kv_heads * hd, cfg.dim),
-        "wv": (cfg.n_kv_heads * hd, cfg.dim),
-        "wo": (cfg.dim, cfg.n_heads * hd),
-        "w1": (cfg.ffn_dim, cfg.dim),
-        "w3": (cfg.ffn_dim, cfg.dim),
-        "w2": (cfg.dim, cfg.ffn_dim),
-    }
-    if leaf in shapes:
-        return shapes[leaf]
-    if name.endswith("norm.weight"):
-        return (cfg.dim,)
-    raise KeyError(f"no parameter named {name!r} in a Llama model")
-
-
 def block_parameters(cfg: ModelConfig) -> int:
     """Parameters of one transformer block (attention, SwiGLU MLP, two norms)."""
     attn = cfg.dim * head_dim(cfg) * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
@@ -337,11 +399,33 @@ def num_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
     return cfg.n_layers * block_parameters(cfg) + cfg.dim + (emb if embeddings else 0)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L d s.
+def block_flops(cfg: ModelConfig, seq_len: int, subnet: Subnet | None = None, tp: int = 1) -> float:
+    """Forward FLOPs per token of one block's shard on one of `tp` tensor-parallel ranks (the
+    whole block at tp=1), running `subnet` of it: 2 per multiply-add of the query, key, value,
+    output, gate, up and down projections it runs, plus the attention score and value matmuls
+    (4 x seq_len x head width per query head; causal masking not discounted). Norms,
+    activations and the softmax are not counted (PaLM's convention, appendix B). The one FLOP
+    count of skipjack: metrics, MFU and the pipeline's cost model all come from it."""
+    sub = subnet or FULL
+    if sub.skip:
+        return 0.0
+    hd = head_dim(cfg)
+    n_q, n_kv = cfg.n_heads // tp, max(cfg.n_kv_heads // tp, 1)
+    q, kv, neurons = n_q, n_kv, cfg.ffn_dim // tp
+    if sub.heads is not None:
+        q, kv = len(sub.heads), len(torch.unique(sub.heads // (n_q // n_kv)))
+    if sub.neurons is not None:
+        neurons = len(sub.neurons)
+    projections = cfg.dim * hd * (2 * q + 2 * kv) + 3 * cfg.dim * neurons
+    return 2.0 * projections + 4.0 * seq_len * q * hd
 
-    N counts the non-embedding parameters plus the output layer (the embedding lookup is no
-    matmul); 12 L d s is the attention score and value matmuls (causal masking not discounted).
-    """
-    n = num_parameters(cfg, embeddings=False) + cfg.vocab_size * cfg.dim
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * seq_len
+
+def output_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of the output layer (the embedding lookup is no matmul)."""
+    return 2.0 * cfg.dim * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the whole model, forward and backward (3 x forward): every
+    block (`block_flops`) and the output layer."""
+    return 3.0 * (cfg.n_layers * block_flops(cfg, seq_len) + output_flops(cfg))

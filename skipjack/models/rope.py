@@ -91,9 +91,14 @@ def rope_cos_sin(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position angles."""
-    seq = x.shape[1]
-    cos, sin = table[:seq, None, :, 0], table[:seq, None, :, 1]
+    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position angles:
+    `table` is the (max_seq_len, head_dim/2, 2) table (positions 0, 1, ... along every row) or
+    its rows at each token's position, (batch, seq, head_dim/2, 2)."""
+    if table.dim() == 3:
+        seq = x.shape[1]
+        cos, sin = table[:seq, None, :, 0], table[:seq, None, :, 1]
+    else:
+        cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

@@ -4,6 +4,11 @@ Gradients are summed, not averaged: the trainer normalises every micro-batch los
 count of target tokens, so the sum over replicas is already the gradient of the global mean loss.
 Buckets follow reverse parameter order (the order backward produces them) and are all-reduced
 asynchronously, all in flight at once, then copied back.
+
+A parameter no replica computed a gradient for (a stage no route visited, a block a plan skipped)
+keeps `grad = None`, so the optimizer leaves it and its state alone, exactly as with dp=1; one
+where some replicas did counts as zeros on the others. Which is which is agreed by one small
+all-reduce of per-parameter flags, so no rank has to know the other replicas' routes.
 """
 
 from __future__ import annotations
@@ -36,11 +41,22 @@ class GradientSync:
 
     @torch.no_grad()
     def all_reduce(self) -> None:
-        """Sum every gradient over the group (a parameter without a gradient counts as zeros)."""
+        """Sum every gradient over the group; parameters without a gradient on every replica
+        keep none."""
         if not self.enabled:
             return
+        params = [p for bucket in self.buckets for p in bucket]
+        device = params[0].device if params else torch.device("cpu")
+        computed = torch.tensor(
+            [p.grad is not None for p in params], dtype=torch.int32, device=device
+        )
+        dist.all_reduce(computed, group=self.group)  # how many replicas computed each
+        anywhere = dict(zip(map(id, params), computed.tolist(), strict=True))
         pending = []
         for bucket in self.buckets:
+            bucket = [p for p in bucket if anywhere[id(p)]]
+            if not bucket:
+                continue
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
             flat = torch.cat([g.reshape(-1) for g in grads])
             pending.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))

@@ -7,48 +7,12 @@ groups; everything else asks it for one.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from skipjack.launch.env import backend, discover
 from skipjack.parallel.tensor import TensorParallel
-
-
-def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[int, int]:
-    """Join the default process group as the launcher that started this process says
-    (launch/env.py: torchrun, SLURM's srun, Ray Train); (rank, world size).
-
-    A process started without a launcher is a world of one (an in-memory store, no port), so
-    the rest of skipjack has a single code path.
-    """
-    if dist.is_initialized():  # Ray Train's workers join their group before the trainer runs
-        return dist.get_rank(), dist.get_world_size()
-    info = discover()
-    timeout = timedelta(seconds=timeout_s)
-    if info.launcher == "single":
-        dist.init_process_group(
-            backend(device.type), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-        )
-    else:
-        os.environ.update(info.env())  # srun sets SLURM_* only; env:// reads these
-        dist.init_process_group(backend(device.type), timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def device_for_rank(kind: str = "auto") -> torch.device:
-    """The device this rank computes on: its local GPU when CUDA is there (or asked), else CPU."""
-    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
-    local_rank = discover().local_rank
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 @dataclass

@@ -42,6 +42,13 @@ class ShardSpec:
     # ranks of `group` holding the same shard (num_shards x replicas = the group's size); each
     # one's gradient covers only its share of the data flow and they are summed over the replicas
     replicas: int = 1
+    # the shape without padding (a vocabulary rounded up to the shard count); None: global_shape
+    true_shape: tuple[int, ...] | None = None
+
+    @property
+    def unpadded_shape(self) -> tuple[int, ...]:
+        """The global shape of the real values, what a checkpoint holds."""
+        return self.true_shape or self.global_shape
 
     @property
     def sharded(self) -> bool:

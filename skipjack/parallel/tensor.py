@@ -35,6 +35,7 @@ with warnings.catch_warnings():
         reduce_from_tensor_model_parallel_region,
     )
 
+from skipjack.batch import IGNORE_INDEX
 from skipjack.parallel.shard_spec import ShardSpec, set_spec
 
 SEQ_DIM = 1
@@ -50,15 +51,22 @@ class TensorParallel:
     sequence_parallel: bool = False
 
     def shard_spec(
-        self, global_shape: tuple[int, ...], dim: int, heads=None, num_shards: int | None = None
+        self,
+        global_shape: tuple[int, ...],
+        dim: int,
+        heads=None,
+        num_shards: int | None = None,
+        true_shape: tuple[int, ...] | None = None,
     ) -> ShardSpec:
-        """`global_shape` split along `dim` into `num_shards` (default: tp) shards; with fewer
-        shards than ranks, neighbouring ranks hold the same shard (ShardSpec.replicas)."""
+        """`global_shape` (padded; `true_shape` without the padding) split along `dim` into
+        `num_shards` (default: tp) shards; with fewer shards than ranks, neighbouring ranks hold
+        the same shard (ShardSpec.replicas)."""
         shards = num_shards or self.size
         replicas = self.size // shards
         return ShardSpec(
-            tuple(global_shape), dim, "tp", shards, self.rank // replicas, heads, replicas=replicas
-        )
+            tuple(global_shape), dim, "tp", shards, self.rank // replicas, heads,
+            replicas=replicas, true_shape=true_shape,
+        )  # fmt: skip
 
 
 def _all_gather_seq(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
@@ -118,7 +126,7 @@ class VocabParallelEmbedding(nn.Module):
         self.local_vocab = padded // tp.size
         self.start = tp.rank * self.local_vocab
         self.weight = nn.Parameter(torch.empty(self.local_vocab, dim))
-        set_spec(self.weight, tp.shard_spec((padded, dim), 0))
+        set_spec(self.weight, tp.shard_spec((padded, dim), 0, true_shape=(vocab_size, dim)))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -151,7 +159,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         exp = (logits - logits_max.unsqueeze(-1)).exp()
         sum_exp = exp.sum(dim=-1)
-        ignored = target == -100
+        ignored = target == IGNORE_INDEX
         local_target = target - start
         mine = (local_target >= 0) & (local_target < local_vocab) & ~ignored
         idx = local_target.clamp(0, local_vocab - 1).unsqueeze(-1)
@@ -178,6 +186,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, tp: TensorParallel, vocab_size: int
 ) -> torch.Tensor:
-    """Per-token cross-entropy (0 where target is -100) from this rank's vocabulary shard of the
-    logits; the loss is whole on every rank."""
+    """Per-token cross-entropy (0 where target is IGNORE_INDEX) from this rank's vocabulary
+    shard of the logits; the loss is whole on every rank."""
     return _VocabParallelCrossEntropy.apply(logits, target, tp, vocab_size)

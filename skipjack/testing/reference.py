@@ -15,7 +15,6 @@ from skipjack.config import (
     TrainJobConfig,
 )
 from skipjack.data.loader import ShardedLoader
-from skipjack.models.llama import parameter_shape
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
 from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step, train_step
@@ -118,7 +117,7 @@ def train_reference(
     for _ in range(steps):
         loss = forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
         grads = {
-            n: all_gather_full(p.grad, spec_of(p), dims.groups)[: parameter_shape(model_cfg, n)[0]]
+            n: all_gather_full(p.grad, spec_of(p), dims.groups)[: spec_of(p).unpadded_shape[0]]
             for module in training.model  # stage chunks and vocabulary shards
             for n, p in module.named_parameters()
         }

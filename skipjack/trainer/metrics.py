@@ -1,7 +1,8 @@
 """Training metrics: throughput, FLOPs, memory; console progress, metrics.jsonl, wandb, plot.
 
-FLOPs are model FLOPs per token from `models.llama.flops_per_token` (6 N + 12 L d s, PaLM
-appendix B) times the tokens of a step, whatever the layout. On CUDA the achieved FLOP/s is
+FLOPs are model FLOPs per token from `models.llama.flops_per_token` (3 x the forward matmuls of
+every block and the output layer, `block_flops`; PaLM appendix B's convention) times the tokens
+of a step, whatever the layout. On CUDA the achieved FLOP/s is
 reported as MFU against the GPU's dense bf16 peak; on CPU there is no meaningful peak, so the
 achieved FLOP/s itself is reported.
 """

@@ -7,8 +7,9 @@ import contextlib
 
 import torch
 
+from skipjack.batch import MicroBatch
 from skipjack.config import ModelConfig, TrainJobConfig
-from skipjack.models.llama import Llama, Stage, VocabShards, block_parameters
+from skipjack.models.llama import Llama, Stage, VocabShards, block_flops, output_flops
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.comm import P2P
 from skipjack.parallel.pipeline.partition import (
@@ -16,11 +17,11 @@ from skipjack.parallel.pipeline.partition import (
     explicit_partition,
     redistribute_partition,
 )
-from skipjack.parallel.pipeline.runtime import PipelineRuntime
+from skipjack.parallel.pipeline.runtime import Loss, PipelineRuntime
 from skipjack.parallel.pipeline.schedule import build_schedule
 from skipjack.parallel.pipeline.simulate import CostModel
 from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
-from skipjack.parallel.tensor import TensorParallel
+from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entropy
 
 # Extra warm-up forwards under vocabulary parallelism: between the last stage's forward of a
 # microbatch and its backward, every other rank must reach an action boundary twice (to run S,
@@ -37,20 +38,14 @@ def autocast_for(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def layer_flops(m: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one block: its matmuls and attention."""
-    return 2 * block_parameters(m) + 4 * seq_len * m.dim
-
-
 def stage_layers(job: TrainJobConfig, num_stages: int) -> list[range]:
     """The blocks of every stage: explicit counts, Megatron's redistribute, or even."""
     p, m = job.parallel, job.model
     if p.layers_per_stage:
         return explicit_partition(list(p.layers_per_stage), m.n_layers, num_stages)
     if p.partition == "redistribute":
-        output = 2 * m.dim * m.vocab_size
         return redistribute_partition(
-            m.n_layers, num_stages, layer_flops(m, job.train.seq_len), 0.0, output
+            m.n_layers, num_stages, block_flops(m, job.train.seq_len), 0.0, output_flops(m)
         )
     return even_partition(m.n_layers, num_stages)
 
@@ -63,8 +58,8 @@ def pipeline_cost_model(
     the output layer and loss; with it each of the `shards` ranks pays its share as vocabulary
     passes (S: logits, plus the input-gradient piece under alg2; R: that piece under alg1;
     T: the weight gradient; E and G: lookups)."""
-    forward = [len(r) * layer_flops(m, seq_len) for r in layers]
-    output = 2 * m.dim * m.vocab_size
+    forward = [len(r) * block_flops(m, seq_len) for r in layers]
+    output = output_flops(m)
     if vocab_parallel == "none":
         forward[0] += m.dim
         forward[-1] += output
@@ -127,6 +122,17 @@ def build_pipeline(
         dims.pp_rank,
         P2P(dims.group("pp"), schedule.num_stages, device),
         device,
+        cross_entropy(tp, m.vocab_size),
         lambda: autocast_for(device, job.train.dtype),
         vocab,
     )
+
+
+def cross_entropy(tp: TensorParallel, vocab_size: int) -> Loss:
+    """The pre-training loss: summed token cross-entropy over the vocabulary shards of `tp`
+    (positions labelled IGNORE_INDEX count nothing)."""
+
+    def loss(logits: torch.Tensor, batch: MicroBatch) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, batch.labels, tp, vocab_size).sum()
+
+    return loss

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from skipjack.atomic import write_text
+from skipjack.batch import MicroBatch
 from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.sharded import load_model
@@ -28,9 +29,8 @@ from skipjack.config import (
     resolve_dp,
     validate,
 )
-from skipjack.data.loader import MicroBatch, ShardedLoader
+from skipjack.data.loader import ShardedLoader
 from skipjack.data.source import build_datasets
-from skipjack.launch.env import discover
 from skipjack.models.llama import flops_per_token, num_parameters
 from skipjack.optim.builder import (
     build_lr_schedule,
@@ -39,7 +39,7 @@ from skipjack.optim.builder import (
     state_bytes,
 )
 from skipjack.parallel.data_parallel import GradientSync
-from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
+from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
 from skipjack.trainer.metrics import Metrics
@@ -51,7 +51,7 @@ def count_targets(
 ) -> torch.Tensor:
     """Target tokens of the whole global batch (all micro-batches, all replicas), counted on
     `device`: NCCL reduces CUDA tensors only."""
-    n = torch.tensor(float(sum(int((labels != -100).sum()) for _, labels in micro)), device=device)
+    n = torch.tensor(float(sum(batch.targets for batch in micro)), device=device)
     dist.all_reduce(n, group=group)
     return n
 
@@ -159,7 +159,7 @@ def train_step(
         training.model, training.optimizer, training.schedule, grad_clip, dims.groups
     )
     if checkpoints is not None and checkpoints.due(step):
-        tokens = loader.consumed_samples * int(micro[0][0].shape[1])
+        tokens = loader.consumed_samples * int(micro[0].tokens.shape[1])
         trainer_state = {"step": step, "tokens": tokens}
         checkpoints.save(step, training, trainer_state, loader.state_dict())
     return loss, lr, grad_norm
@@ -197,7 +197,7 @@ def _wandb_run(cfg: TrainJobConfig, run_dir: Path, resolved: dict):
     )
 
 
-def _checked_job(cfg: DictConfig, world: int) -> tuple[TrainJobConfig, str | None]:
+def checked_job(cfg: DictConfig, world: int) -> tuple[TrainJobConfig, str | None]:
     """The typed job of `cfg` for a world of `world` ranks, checked (raises ConfigError), and
     the notice of `validate` if any."""
     job: TrainJobConfig = OmegaConf.to_object(cfg)
@@ -206,13 +206,13 @@ def _checked_job(cfg: DictConfig, world: int) -> tuple[TrainJobConfig, str | Non
     return job, validate(job, world)
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run a training job; returns a summary (run dir, first/last validation loss, outputs)."""
-    job, _ = _checked_job(cfg, discover().world_size)  # fails before any process group
-    device = device_for_rank(job.train.device)
-    rank, world = init_distributed(device)
+def train(cfg: DictConfig, device: torch.device) -> dict:
+    """Run a training job as this rank of the default process group (the launcher started it,
+    launch/local.py) on `device`; returns a summary (run dir, first/last validation loss,
+    outputs)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = agree_run_dir(cfg)
-    job, notice = _checked_job(cfg, world)  # again: every path now from rank 0's run directory
+    job, notice = checked_job(cfg, world)  # every path now from rank 0's run directory
     t = job.train
     dims = ParallelDims(
         dp=resolve_dp(job.parallel, world), pp=job.parallel.pp, tp=job.parallel.tp, rank=rank

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from skipjack.checkpoint.marker import MARKER, complete_checkpoints, verify
 from skipjack.checkpoint.sharded import CheckpointError
-from skipjack.parallel.dims import init_distributed
+from skipjack.launch.env import init_distributed
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import checkpointed_run, tiny_config
 

@@ -14,7 +14,7 @@ from skipjack.data.indexed import (
 )
 from skipjack.data.preprocess import run_preprocess
 from skipjack.data.tokenizer import Tokenizer, train_bpe
-from skipjack.parallel.dims import init_distributed
+from skipjack.launch.env import init_distributed
 
 
 def corpus(n, tag):

@@ -1,5 +1,6 @@
 import torch
 
+from skipjack.batch import IGNORE_INDEX
 from skipjack.data.loader import ShardedLoader
 from skipjack.testing.reference import SyntheticSamples
 
@@ -7,7 +8,7 @@ DATA = SyntheticSamples(64, 8, 100)
 
 
 def flatten(batch):
-    return torch.cat([tokens for tokens, _ in batch])
+    return torch.cat([micro.tokens for micro in batch])
 
 
 def test_resumed_loader_reads_exactly_the_uninterrupted_batches():
@@ -42,6 +43,6 @@ def test_position_is_global_so_another_dp_degree_continues_at_the_same_sample():
 
 
 def test_masked_targets_become_ignore_index():
-    _, labels = ShardedLoader(DATA, 8, 8, 0, 1).next()[0]
+    labels = ShardedLoader(DATA, 8, 8, 0, 1).next()[0].labels
     expected = torch.stack([DATA[i]["loss_mask"] for i in range(8)]) == 0
-    assert torch.equal(labels == -100, expected)
+    assert torch.equal(labels == IGNORE_INDEX, expected)

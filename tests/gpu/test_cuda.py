@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 
 from skipjack.config import OptimConfig, ParallelConfig, TrainConfig, TrainJobConfig
+from skipjack.launch.env import device_for_rank, init_distributed
 from skipjack.models.llama import Llama, flops_per_token, preset
 from skipjack.optim.builder import build_optimizer
-from skipjack.parallel.dims import ParallelDims, device_for_rank, init_distributed
+from skipjack.parallel.dims import ParallelDims
 from skipjack.testing.cli import compose_job, run_skipjack
 from skipjack.testing.reference import build_run, checkpointed_run, tiny_config
 from skipjack.trainer.metrics import Metrics, peak_flops, read_metrics

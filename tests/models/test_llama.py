@@ -168,3 +168,19 @@ def test_every_preset_loads_and_unknown_preset_names_the_choices():
         assert preset(name).name == name
     with pytest.raises(ConfigError, match="unknown preset 'llama_7m'.*tiny"):
         preset("llama_7m")
+
+
+def test_packed_documents_see_only_themselves_and_restart_positions():
+    """Two documents packed into one row, with their positions and document ids, give the
+    logits each gives alone."""
+    model = Llama(tiny_config()).init_weights(0).eval()
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, 256, (1, n), generator=gen) for n in (10, 6))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(10), torch.arange(6)])[None]
+    documents = torch.tensor([[3] * 10 + [7] * 6])
+    with torch.no_grad():
+        out = model(packed, positions, documents)
+        torch.testing.assert_close(out[:, :10], model(first), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:, 10:], model(second), atol=1e-5, rtol=0)
+        assert (model(packed)[:, 10:] - model(second)).abs().max() > 1e-3  # without: they mix

@@ -1,7 +1,14 @@
+import pytest
 import torch
+import torch.distributed as dist
 
+from skipjack.models.llama import Llama
+from skipjack.optim.builder import build_optimizer
+from skipjack.parallel.data_parallel import GradientSync
+from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
-from skipjack.testing.reference import assert_same_history, tiny_config, train_reference
+from skipjack.testing.cli import compose_job
+from skipjack.testing.reference import CPU, assert_same_history, tiny_config, train_reference
 
 STEPS = 5
 
@@ -24,3 +31,46 @@ def test_gradient_accumulation_does_not_change_the_math():
     (one_micro,) = run(1, 8)
     (four_micro,) = run(1, 2)
     assert_same_history(one_micro, four_micro)
+
+
+def _steps_skipping_layer_1(optim_name: str) -> dict:
+    """Two optimizer steps of a tiny Llama in the current group (one replica per rank) whose
+    forward skips layer 1 on every replica and runs layer 0's attention on rank 0 only; what
+    happened to the weights and optimizer state of each."""
+    cfg = tiny_config()
+    dims = ParallelDims(dp=dist.get_world_size(), rank=dist.get_rank()).build_groups()
+    model = Llama(cfg, tp=dims.tensor_parallel()).init_weights(0)
+    optim = compose_job(f"optim={optim_name}", "optim.weight_decay=0.1").optim
+    optimizer = build_optimizer(torch.nn.ModuleList([model]), optim, CPU, cfg, dims.groups)
+    sync = GradientSync(model.parameters(), dims.group("dp"), bucket_mb=0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    block = model.layers["0"]
+    for _ in range(2):
+        h = model.tok_embeddings(tokens)
+        if dims.dp_rank == 0:
+            h = h + block.attention(block.attention_norm(h), model.rope)
+        h = h + block.feed_forward(block.ffn_norm(h))
+        model.output(model.norm(h)).float().pow(2).mean().backward()
+        sync.all_reduce()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {
+        n: (torch.equal(p, before[n]), bool(optimizer.state.get(p)))
+        for n, p in model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("optim_name", ["adamw", "galore"])
+def test_parameters_no_replica_computed_a_gradient_for_are_left_alone(optim_name):
+    """A block no replica ran keeps its weights bitwise and gets no optimizer state (no update,
+    no weight decay, no moment decay), at dp=1 as at dp=2; one that only some replicas ran is
+    updated on all of them alike."""
+    (single,) = run_ranks(_steps_skipping_layer_1, 1, optim_name)
+    replicas = run_ranks(_steps_skipping_layer_1, 2, optim_name)
+    for outcome in (single, *replicas):
+        skipped = {n: v for n, v in outcome.items() if n.startswith("layers.1.")}
+        assert skipped and all(v == (True, False) for v in skipped.values()), skipped
+        assert outcome["layers.0.attention.wq.weight"] == (False, True)
+    attention = {n: v for n, v in single.items() if ".attention." in n and "layers.0" in n}
+    assert all(replicas[1][n] == v for n, v in attention.items())

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from skipjack.models.llama import Llama, Stage
+from skipjack.batch import IGNORE_INDEX, MicroBatch
+from skipjack.models.llama import Llama, Stage, document_causal_mask
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.comm import P2P
 from skipjack.parallel.pipeline.partition import even_partition
@@ -17,6 +18,7 @@ from skipjack.parallel.pipeline.schedule import Action, Schedule
 from skipjack.parallel.pipeline.simulate import CostModel, simulate
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples, tiny_config
+from skipjack.trainer.pipeline import cross_entropy
 
 PP, SEED, SEQ_LEN = 4, 0, 16
 CFG = tiny_config(n_layers=4)
@@ -40,8 +42,9 @@ def routed_schedule(routes: list[list[int]]) -> Schedule:
     return Schedule("routes", PP, len(routes), actions, routes=routes)
 
 
-def microbatches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Two sequences per microbatch; about 10% of the targets ignored (-100)."""
+def microbatches(count: int) -> list[MicroBatch]:
+    """Two sequences per microbatch; about 10% of the targets ignored. Odd microbatches are
+    packed: two documents per row (7 and 9 tokens), positions restarting at the second."""
     data = SyntheticSamples(2 * count, SEQ_LEN, CFG.vocab_size)
     samples = [data[i] for i in range(2 * count)]
     micro = []
@@ -49,12 +52,16 @@ def microbatches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tokens = torch.stack([s["tokens"] for s in pair])
         labels = torch.stack([s["labels"] for s in pair])
         mask = torch.stack([s["loss_mask"] for s in pair])
-        micro.append((tokens, labels.masked_fill(mask == 0, -100)))
+        batch = MicroBatch(tokens, labels.masked_fill(mask == 0, IGNORE_INDEX))
+        if len(micro) % 2:
+            batch.positions = torch.cat([torch.arange(7), torch.arange(9)]).expand(2, -1)
+            batch.documents = torch.tensor([0] * 7 + [1] * 9).expand(2, -1)
+        micro.append(batch)
     return micro
 
 
 def scale_of(micro) -> torch.Tensor:
-    return torch.tensor(float(sum(int((labels != -100).sum()) for _, labels in micro)))
+    return torch.tensor(float(sum(batch.targets for batch in micro)))
 
 
 def pipelined(cases: dict[str, list[list[int]]]) -> dict[str, tuple[float, dict]]:
@@ -66,7 +73,8 @@ def pipelined(cases: dict[str, list[list[int]]]) -> dict[str, tuple[float, dict]
         stage = Stage(LAYERS[rank], rank == 0, rank == PP - 1)
         chunk = Llama(CFG, stage).init_weights(SEED, device)
         p2p = P2P(dims.group("pp"), PP, device)
-        runtime = PipelineRuntime(routed_schedule(routes), [chunk], rank, p2p, device)
+        loss_fn = cross_entropy(chunk.tp, CFG.vocab_size)
+        runtime = PipelineRuntime(routed_schedule(routes), [chunk], rank, p2p, device, loss_fn)
         micro = microbatches(len(routes))
         loss = runtime.run(micro, scale_of(micro))
         dist.all_reduce(loss, group=dims.group("pp"))  # held by the last stage's rank
@@ -83,13 +91,16 @@ def single_process(routes: list[list[int]]) -> tuple[float, dict]:
     micro = microbatches(len(routes))
     scale = scale_of(micro)
     total = 0.0
-    for (tokens, labels), route in zip(micro, routes, strict=True):
-        h = model.tok_embeddings(tokens)
+    for batch, route in zip(micro, routes, strict=True):
+        h = model.tok_embeddings(batch.tokens)
+        rope = model.rope if batch.positions is None else model.rope[batch.positions]
+        mask = None if batch.documents is None else document_causal_mask(batch.documents)
         for stage in route:
             for layer in LAYERS[stage]:
-                h = model.layers[str(layer)](h, model.rope)
+                h = model.layers[str(layer)](h, rope, mask)
         logits = F.linear(model.norm(h), model.output_weight())
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / scale
+        labels = batch.labels.flatten()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels, reduction="sum") / scale
         loss.backward()
         total += float(loss.detach())
     return total, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

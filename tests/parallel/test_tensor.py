@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from skipjack.batch import IGNORE_INDEX
 from skipjack.models.llama import Llama
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
@@ -54,7 +55,7 @@ def _cross_entropy_case(vocab: int):
     target = torch.randint(0, vocab, (3, 5), generator=gen)
     target[0, :] = torch.arange(5) % vocab  # targets on every shard
     target[1, 4] = vocab - 1  # the last real column, next to the padding
-    target[2, 1:3] = -100
+    target[2, 1:3] = IGNORE_INDEX
     grad_out = torch.rand(3, 5, generator=gen)
     local_width = padded // tp.size
     local = F.pad(full, (0, padded - vocab)).narrow(-1, tp.rank * local_width, local_width)
@@ -71,7 +72,7 @@ def test_vocab_parallel_cross_entropy_equals_gathered_cross_entropy(vocab):
     for full, target, grad_out, loss, grad in run_ranks(_cross_entropy_case, 2, vocab):
         ref_logits = full.clone().requires_grad_()
         ref = F.cross_entropy(
-            ref_logits.flatten(0, 1), target.flatten(), reduction="none", ignore_index=-100
+            ref_logits.flatten(0, 1), target.flatten(), reduction="none", ignore_index=IGNORE_INDEX
         ).view(3, 5)
         (ref * grad_out).sum().backward()
         torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)

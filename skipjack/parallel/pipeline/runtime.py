@@ -3,7 +3,9 @@
 Each pipeline rank holds one model chunk per stage it owns and walks its action list. A forward
 takes its input from the microbatch's tokens (first stage of the route), from the previous stage
 on this rank, or from the pipeline rank that owns the previous stage of the route; the last stage
-of a route computes the loss. A backward retraces the route: it takes the output gradient from
+of a route computes the loss with the function it was handed (`loss(output, micro-batch)`, the
+micro-batch's summed loss). Every chunk gets the micro-batch's positions and documents (packed
+sequences). A backward retraces the route: it takes the output gradient from
 the next stage of the route and hands its input gradient to the previous one. Activations are
 freed as soon as their backward ran.
 
@@ -19,10 +21,13 @@ from collections.abc import Callable
 
 import torch
 
+from skipjack.batch import MicroBatch
 from skipjack.parallel.pipeline.comm import BACKWARD, FORWARD, P2P
 from skipjack.parallel.pipeline.schedule import Action, Schedule
 from skipjack.parallel.pipeline.vocab import VocabParallel
-from skipjack.parallel.tensor import vocab_parallel_cross_entropy
+
+# the summed loss of a micro-batch from the last stage's output (this rank's logits shard)
+Loss = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 
 class PipelineRuntime:
@@ -33,6 +38,7 @@ class PipelineRuntime:
         pp_rank: int,
         p2p: P2P,
         device: torch.device,
+        loss: Loss | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         vocab: VocabParallel | None = None,
     ):
@@ -43,15 +49,21 @@ class PipelineRuntime:
         self.rank = pp_rank
         self.p2p = p2p
         self.device = device
+        if loss is None and vocab is None and self._holds(schedule.num_stages - 1):
+            raise ValueError("the last stage needs a loss function (or vocabulary parallelism)")
+        self.loss = loss
         self.autocast = autocast  # entered around every forward (bf16 on CUDA)
         self.vocab = vocab
         if (vocab is not None) != schedule.vocab_passes:
             raise ValueError("vocabulary parallelism needs a schedule with vocabulary passes")
-        self.holds_last_stage = schedule.owner(schedule.num_stages - 1)[0] == pp_rank
+        self.holds_last_stage = self._holds(schedule.num_stages - 1)
+
+    def _holds(self, stage: int) -> bool:
+        return self.schedule.owner(stage)[0] == self.rank
 
     def run(
         self,
-        micro: list[tuple[torch.Tensor, torch.Tensor]],
+        micro: list[MicroBatch],
         scale: torch.Tensor | float,
         forward_only: bool = False,
     ) -> torch.Tensor:
@@ -62,6 +74,7 @@ class PipelineRuntime:
         s = self.schedule
         if len(micro) != s.microbatches:
             raise ValueError(f"{len(micro)} microbatches for a schedule of {s.microbatches}")
+        micro = [batch.to(self.device) for batch in micro]
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank handoffs
         loss_sum = torch.zeros((), device=self.device)
@@ -78,10 +91,10 @@ class PipelineRuntime:
                     self._backward(action, saved, local)
                 elif kind == "E":
                     with self.autocast():
-                        vocab.embed(mb, micro[mb][0])
+                        vocab.embed(mb, micro[mb].tokens)
                 elif kind == "S":
                     with self.autocast():
-                        vocab.output(mb, micro[mb][1])
+                        vocab.output(mb, micro[mb].labels)
                 elif kind == "R":
                     loss = vocab.reduce(mb, scale)
                     if self.holds_last_stage:
@@ -132,27 +145,20 @@ class PipelineRuntime:
         else:
             self.p2p.send(tensor, dst, mb, to_stage, direction)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, scale) -> torch.Tensor:
-        last = self.chunks[-1]
-        ce = vocab_parallel_cross_entropy(
-            logits, labels.to(self.device), last.tp, last.cfg.vocab_size
-        )
-        return ce.sum() / scale
-
     def _forward(self, action, micro, scale, saved, local) -> torch.Tensor:
         route, hop, stage = self._route(action)
-        mb, vocab = action.microbatch, self.vocab
+        mb, vocab, batch = action.microbatch, self.vocab, micro[action.microbatch]
         last = hop == len(route) - 1
         if hop == 0:
-            inputs = micro[mb][0].to(self.device) if vocab is None else vocab.embedding(mb)
+            inputs = batch.tokens if vocab is None else vocab.embedding(mb)
         else:
             inputs = self._receive(mb, route[hop - 1], stage, FORWARD, local)
         if inputs.is_floating_point():
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
-            output = self.chunks[action.chunk](inputs)
+            output = self.chunks[action.chunk](inputs, batch.positions, batch.documents)
             if last and vocab is None:
-                output = self._loss(output, micro[mb][1], scale)
+                output = self.loss(output, batch) / scale
         if last and vocab is not None:
             vocab.hidden[mb] = output.detach()
         elif not last:

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from skipjack.batch import IGNORE_INDEX
 from skipjack.parallel.pipeline.schedule import Action, Schedule
 from skipjack.parallel.pipeline.simulate import CostModel, simulate
 from skipjack.parallel.tensor import SEQ_DIM, TensorParallel
@@ -201,7 +202,7 @@ class VocabParallel:
 
     def _target(self, labels: torch.Tensor):
         """(index of the target among this rank's rows, whether this rank holds it, ignored)."""
-        ignored = labels == -100
+        ignored = labels == IGNORE_INDEX
         local = labels - self.shards.start
         mine = (local >= 0) & (local < self.shards.rows) & ~ignored
         return local.clamp(0, self.shards.rows - 1), mine, ignored

@@ -1,0 +1,30 @@
+"""Subnetworks of a block: which of its attention heads and MLP neurons a step runs.
+
+A training regime (EST, SAT) picks, per step and block, a `Subnet` of this rank's shards; the
+block then runs smaller dense matmuls on the active slices of its weights (rows of the query,
+key, value, gate and up projections, columns of the output and down projections), never a mask
+over the full matmuls. What is left out gets no gradient from the step. A skipped block is the
+identity on the residual stream and costs nothing forward or backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """Local indices, into this rank's shard of the block (sorted, unique); None: all of them."""
+
+    heads: torch.Tensor | None = None  # active query heads; the kv heads they use run with them
+    neurons: torch.Tensor | None = None  # active MLP neurons: gate and up rows, down columns
+    skip: bool = False  # the block is the identity
+    head_scale: float = 1.0  # on the attention output (EST's 1 / p_H for sampled heads)
+    neuron_scale: float = 1.0  # on the MLP output (EST's 1 / p_M)
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The rows (or columns) of a head-major weight that heads `heads` own."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
