@@ -42,7 +42,7 @@ from skipjack.launch.env import init_distributed
 from skipjack.models.llama import num_parameters, preset
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing.reference import SyntheticSamples
-from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
+from skipjack.trainer.engine import NativeEngine
 
 
 def directory_bytes(path: Path) -> int:
@@ -84,18 +84,18 @@ def main() -> None:
         train=TrainConfig(steps=100, micro_batch_size=1, seq_len=args.seq_len, dtype="fp32"),
         checkpoint=CheckpointConfig(interval=1, dir=str(root / "skipjack"), keep_last=1),
     )
-    training = build_training(job, dims, 1, device)
+    training = NativeEngine(job, dims, 1, device)
     data = SyntheticSamples(100, args.seq_len, cfg.vocab_size)
     loader = ShardedLoader(data, 1, 1, 0, 1)
-    groups, group = dims.groups, dims.group("checkpoint")
+    group = dims.group("checkpoint")
 
     def backward() -> float:
         start = time.perf_counter()
-        forward_backward(training.runtime, loader.next(), training.grad_sync, groups, device)
+        training.forward_backward(loader.next())
         return time.perf_counter() - start
 
     def update() -> None:
-        optimizer_step(training.model, training.optimizer, training.schedule, 1.0, groups)
+        training.optimizer_step()
 
     backward()
     update()  # the optimizer state exists from here on

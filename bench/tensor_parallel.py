@@ -23,7 +23,7 @@ from skipjack.models.llama import flops_per_token, preset
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples
-from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
+from skipjack.trainer.engine import NativeEngine
 
 # bytes one rank sends in a ring implementation, per byte of the tensor argument named below
 SENT_PER_BYTE = {
@@ -78,13 +78,12 @@ def measure(
         parallel=ParallelConfig(tp=tp, sequence_parallel=sequence_parallel),
         train=TrainConfig(steps=steps + 2, micro_batch_size=batch, seq_len=seq_len, dtype="fp32"),
     )
-    training = build_training(job, dims, 1, device)
+    engine = NativeEngine(job, dims, 1, device)
     data = SyntheticSamples((steps + 2) * batch, seq_len, cfg.vocab_size)
     loader = ShardedLoader(data, batch, batch, 0, 1)
 
     def step():
-        forward_backward(training.runtime, loader.next(), training.grad_sync, dims.groups, device)
-        optimizer_step(training.model, training.optimizer, training.schedule, 1.0, dims.groups)
+        engine.step(loader.next())
 
     for _ in range(2):  # warm-up
         step()

@@ -51,8 +51,8 @@ from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entrop
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples, tiny_config
 from skipjack.trainer import pipeline
+from skipjack.trainer.engine import NativeEngine
 from skipjack.trainer.pipeline import EXTRA_WARMUP, pipeline_cost_model, stage_layers
-from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step
 
 METHODS = ("baseline", "redistribute", "alg1", "alg2")
 PAPER_ALG2 = "alg2-paper"  # alg2 with the paper's single extra warm-up forward
@@ -204,9 +204,9 @@ def run_steps(job: TrainJobConfig, steps: int, extra_warmup: int | None = None) 
     if extra_warmup is not None:  # this process only: the trainer's schedule with other slack
         pipeline.EXTRA_WARMUP = {**EXTRA_WARMUP, job.parallel.vocab_parallel: extra_warmup}
     dims = ParallelDims(dp=1, pp=job.parallel.pp, rank=dist.get_rank()).build_groups()
-    training = build_training(job, dims, MICROBATCHES, device)
-    runtime = training.runtime
-    meter = ActivationMeter(training.model.parameters(), runtime.vocab)
+    engine = NativeEngine(job, dims, MICROBATCHES, device)
+    runtime = engine.runtime
+    meter = ActivationMeter(engine.model.parameters(), runtime.vocab)
     flush = runtime.p2p.flush
 
     def flush_and_sample(*args):  # the runtime flushes after every action
@@ -221,8 +221,8 @@ def run_steps(job: TrainJobConfig, steps: int, extra_warmup: int | None = None) 
         dist.barrier()
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
-        optimizer_step(training.model, training.optimizer, training.schedule, 1.0, dims.groups)
+            engine.forward_backward(loader.next())
+        engine.optimizer_step()
         times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times[1:]), "peak_activation_bytes": meter.peak}
 

@@ -17,7 +17,8 @@ from skipjack.config import (
 from skipjack.data.loader import ShardedLoader
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
-from skipjack.trainer.trainer import build_training, forward_backward, optimizer_step, train_step
+from skipjack.trainer.engine import NativeEngine
+from skipjack.trainer.trainer import train_step
 
 CPU = torch.device("cpu")
 
@@ -55,8 +56,8 @@ class SyntheticSamples:
 
 
 def build_run(job: TrainJobConfig, data_seed: int, device: torch.device = CPU):
-    """This rank's layout (dp = world / (pp x tp)), a loader over synthetic samples, and what it
-    trains with on `device`, for `job`."""
+    """This rank's layout (dp = world / (pp x tp)), a loader over synthetic samples, and the
+    engine that trains on `device`, for `job`."""
     p, t = job.parallel, job.train
     dp = dist.get_world_size() // (p.tp * p.pp)
     dims = ParallelDims(dp=dp, pp=p.pp, tp=p.tp, rank=dist.get_rank()).build_groups(device.type)
@@ -64,7 +65,7 @@ def build_run(job: TrainJobConfig, data_seed: int, device: torch.device = CPU):
         t.steps * t.global_batch_size, t.seq_len, job.model.vocab_size, data_seed
     )
     loader = ShardedLoader(data, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp)
-    return dims, loader, build_training(job, dims, loader.accumulation_steps, device)
+    return dims, loader, NativeEngine(job, dims, loader.accumulation_steps, device)
 
 
 def train_reference(
@@ -111,21 +112,18 @@ def train_reference(
             dtype="fp32",
         ),
     )
-    dims, loader, training = build_run(job, seed)
-    device, runtime = CPU, training.runtime
+    dims, loader, engine = build_run(job, seed)
     history = []
     for _ in range(steps):
-        loss = forward_backward(runtime, loader.next(), training.grad_sync, dims.groups, device)
+        loss = engine.forward_backward(loader.next())
         grads = {
             n: all_gather_full(p.grad, spec_of(p), dims.groups)[: spec_of(p).unpadded_shape[0]]
-            for module in training.model  # stage chunks and vocabulary shards
+            for module in engine.model  # stage chunks and vocabulary shards
             for n, p in module.named_parameters()
         }
         stage_grads = [None] * pp
         dist.all_gather_object(stage_grads, grads, group=dims.group("pp"))
-        optimizer_step(
-            training.model, training.optimizer, training.schedule, job.optim.grad_clip, dims.groups
-        )
+        engine.optimizer_step()
         history.append({"loss": loss, "grads": {k: v for g in stage_grads for k, v in g.items()}})
     return history
 
@@ -175,12 +173,12 @@ def checkpointed_run(
             interval=interval, dir=checkpoint_dir, keep_last=10, resume=resume
         ),
     )
-    dims, loader, training = build_run(job, 0, device)
+    dims, loader, engine = build_run(job, 0, device)
     checkpoints = CheckpointManager(job.checkpoint, job.model, dims, dist.get_rank() == 0)
-    restored = checkpoints.restore(training, loader)
+    restored = checkpoints.restore(engine, loader)
     start = 0 if restored is None else restored["step"]
     losses = {}
     for step in range(start + 1, (until or steps) + 1):
-        losses[step] = train_step(training, loader, step, 1.0, dims, device, checkpoints)[0]
+        losses[step] = train_step(engine, loader, step, checkpoints)[0]
     checkpoints.close()
     return losses

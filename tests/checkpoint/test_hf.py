@@ -26,7 +26,7 @@ from skipjack.config import (
 from skipjack.models.llama import Llama
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
-from skipjack.trainer.trainer import build_training
+from skipjack.trainer.engine import NativeEngine
 
 
 def make_hf(path, tied, sharded):
@@ -64,7 +64,7 @@ def logits_in_layout(source, tokens, tp, pp, vocab="none", save_to=None):
         checkpoint=CheckpointConfig(dir=str(save_to or "/nonexistent"), resume="none"),
     )
     dims = ParallelDims(dp=1, pp=pp, tp=tp, rank=dist.get_rank()).build_groups()
-    training = build_training(job, dims, 1, torch.device("cpu"))
+    training = NativeEngine(job, dims, 1, torch.device("cpu"))
     load_model(training, dims, str(source), dims.group("checkpoint"))
     chunk, passes = training.runtime.chunks[0].eval(), training.runtime.vocab
     with torch.no_grad():

@@ -66,16 +66,16 @@ def test_llama_1b_steps_report_mfu_with_fused_adamw(cuda_world, tmp_path):
         ),
     )
     assert job.train.dtype == "bf16"
-    dims, loader, training = build_run(job, 0, device)
-    assert training.optimizer.defaults["fused"]
-    assert all(p.device == device and p.dtype == torch.float32 for p in training.model.parameters())
+    dims, loader, engine = build_run(job, 0, device)
+    assert engine.optimizer.defaults["fused"]
+    assert all(p.device == device and p.dtype == torch.float32 for p in engine.model.parameters())
     metrics = Metrics(
         tmp_path, steps, flops_per_token(job.model, seq_len), device, True, progress=False
     )
     records = []
     for step in range(1, steps + 1):
         started = time.perf_counter()
-        loss, lr, grad_norm = train_step(training, loader, step, 1.0, dims, device)
+        loss, lr, grad_norm = train_step(engine, loader, step)
         records.append(
             metrics.step(step, batch * seq_len, time.perf_counter() - started, loss, lr, grad_norm)
         )

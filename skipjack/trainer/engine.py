@@ -1,0 +1,107 @@
+"""The engine: forward-backward, the optimizer step, evaluation and their state, for one layout.
+
+The trainer's loop asks an engine to step and evaluate and never touches process groups, devices
+or the model's parts itself. `NativeEngine` is skipjack's own: the pipeline runtime over this
+rank's model chunks (tensor, pipeline and vocabulary parallelism), gradient synchronisation
+across data-parallel replicas, the optimizer and its LR schedule.
+
+Every micro-batch loss is a sum over its target tokens divided by the global count of target
+tokens of the step, so gradients summed over micro-batches and replicas are the gradient of the
+global mean loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from skipjack.batch import MicroBatch
+from skipjack.config import TrainJobConfig
+from skipjack.optim.builder import build_lr_schedule, build_optimizer
+from skipjack.parallel.data_parallel import GradientSync
+from skipjack.parallel.dims import ParallelDims
+from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
+from skipjack.trainer.pipeline import build_pipeline
+
+
+class NativeEngine:
+    """This rank's part of the model (pipeline chunks, and the vocabulary shards if any), its
+    optimizer, LR schedule and gradient synchronisation, on `device`, for `job`'s layout `dims`
+    with `accumulation` micro-batches per replica and step."""
+
+    def __init__(
+        self, job: TrainJobConfig, dims: ParallelDims, accumulation: int, device: torch.device
+    ):
+        self.dims, self.device = dims, device
+        self.model_config = job.model
+        self.grad_clip = job.optim.grad_clip
+        tp = dims.tensor_parallel(job.parallel.sequence_parallel)
+        self.runtime = build_pipeline(job, dims, tp, accumulation, device)
+        vocab = [self.runtime.vocab.shards] if self.runtime.vocab is not None else []
+        self.model = torch.nn.ModuleList(self.runtime.chunks + vocab)
+        self.optimizer = build_optimizer(self.model, job.optim, device, job.model, dims.groups)
+        self.schedule = build_lr_schedule(self.optimizer, job.optim, job.train.steps)
+        self.grad_sync = GradientSync(
+            self.model.parameters(), dims.group("dp"), job.parallel.bucket_mb
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _targets(self, micro: list[MicroBatch]) -> torch.Tensor:
+        """Target tokens of the whole global batch (all micro-batches, all replicas), counted
+        on the device: NCCL reduces CUDA tensors only."""
+        n = torch.tensor(float(sum(batch.targets for batch in micro)), device=self.device)
+        dist.all_reduce(n, group=self.dims.group("dp"))
+        return n
+
+    def _global_loss(self, loss_sum: torch.Tensor) -> float:
+        dist.all_reduce(loss_sum, group=self.dims.group("pp"))  # only last stages computed one
+        dist.all_reduce(loss_sum, group=self.dims.group("dp"))
+        return float(loss_sum)
+
+    def forward_backward(self, micro: list[MicroBatch]) -> float:
+        """Accumulate the gradient of the global mean loss over this rank's micro-batches, the
+        pipeline stages and the replicas; returns that loss."""
+        loss_sum = self.runtime.run(micro, self._targets(micro))
+        sync_partial_grads(
+            [p for c in self.runtime.chunks for p in c.parameters()], self.dims.groups
+        )
+        self.grad_sync.all_reduce()
+        return self._global_loss(loss_sum)
+
+    def optimizer_step(self) -> float:
+        """Clip to the global norm (every element counted once, by shard spec), step the
+        optimizer and the LR schedule, zero the gradients; returns the norm before clipping."""
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(self.model.parameters(), max_norm, self.dims.groups)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def step(
+        self, micro: list[MicroBatch], before_update: Callable[[], None] | None = None
+    ) -> tuple[float, float, float]:
+        """One optimizer step on this rank's micro-batches of a global batch; `before_update`
+        runs between the backward and the first change to a parameter (a checkpoint's staging
+        barrier). Returns (loss, lr, grad norm)."""
+        loss = self.forward_backward(micro)
+        lr = self.lr
+        if before_update is not None:
+            before_update()
+        return loss, lr, self.optimizer_step()
+
+    def evaluate(self, batches: list[list[MicroBatch]]) -> float:
+        """Mean loss per target token over validation global batches (each this rank's
+        micro-batches of one batch), all replicas; no gradients."""
+        for chunk in self.runtime.chunks:
+            chunk.eval()
+        n_targets = self._targets([mb for micro in batches for mb in micro])
+        loss_sum = sum(self.runtime.run(micro, n_targets, forward_only=True) for micro in batches)
+        for chunk in self.runtime.chunks:
+            chunk.train()
+        return self._global_loss(loss_sum)
