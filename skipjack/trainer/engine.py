@@ -22,6 +22,7 @@ from skipjack.config import TrainJobConfig
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
+from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
 from skipjack.trainer.pipeline import build_pipeline
 
@@ -63,10 +64,11 @@ class NativeEngine:
         dist.all_reduce(loss_sum, group=self.dims.group("dp"))
         return float(loss_sum)
 
-    def forward_backward(self, micro: list[MicroBatch]) -> float:
+    def forward_backward(self, micro: list[MicroBatch], plan: StepPlan | None = None) -> float:
         """Accumulate the gradient of the global mean loss over this rank's micro-batches, the
-        pipeline stages and the replicas; returns that loss."""
-        loss_sum = self.runtime.run(micro, self._targets(micro))
+        pipeline stages and the replicas, along `plan` (default: the full pipeline, every block
+        whole); returns that loss."""
+        loss_sum = self.runtime.run(micro, self._targets(micro), plan=plan)
         sync_partial_grads(
             [p for c in self.runtime.chunks for p in c.parameters()], self.dims.groups
         )
@@ -84,12 +86,15 @@ class NativeEngine:
         return grad_norm
 
     def step(
-        self, micro: list[MicroBatch], before_update: Callable[[], None] | None = None
+        self,
+        micro: list[MicroBatch],
+        before_update: Callable[[], None] | None = None,
+        plan: StepPlan | None = None,
     ) -> tuple[float, float, float]:
-        """One optimizer step on this rank's micro-batches of a global batch; `before_update`
-        runs between the backward and the first change to a parameter (a checkpoint's staging
-        barrier). Returns (loss, lr, grad norm)."""
-        loss = self.forward_backward(micro)
+        """One optimizer step on this rank's micro-batches of a global batch along `plan`;
+        `before_update` runs between the backward and the first change to a parameter (a
+        checkpoint's staging barrier). Returns (loss, lr, grad norm)."""
+        loss = self.forward_backward(micro, plan)
         lr = self.lr
         if before_update is not None:
             before_update()

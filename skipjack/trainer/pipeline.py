@@ -125,6 +125,7 @@ def build_pipeline(
         cross_entropy(tp, m.vocab_size),
         lambda: autocast_for(device, job.train.dtype),
         vocab,
+        dims.dp_rank,
     )
 
 

@@ -23,7 +23,8 @@ import torch
 
 from skipjack.batch import MicroBatch
 from skipjack.parallel.pipeline.comm import BACKWARD, FORWARD, P2P
-from skipjack.parallel.pipeline.schedule import Action, Schedule
+from skipjack.parallel.pipeline.plan import StepPlan
+from skipjack.parallel.pipeline.schedule import Action, Schedule, schedule_from_routes
 from skipjack.parallel.pipeline.vocab import VocabParallel
 
 # the summed loss of a micro-batch from the last stage's output (this rank's logits shard)
@@ -41,10 +42,15 @@ class PipelineRuntime:
         loss: Loss | None = None,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         vocab: VocabParallel | None = None,
+        replica: int = 0,
     ):
         if len(chunks) != schedule.vpp:
             raise ValueError(f"{len(chunks)} model chunks for a schedule with vpp={schedule.vpp}")
-        self.schedule = schedule
+        self.schedule = schedule  # the full routes' schedule; `current` is the one running
+        self.current = schedule
+        self.replica = replica
+        self._routed: tuple[list[list[int]], Schedule] | None = None
+        self.subnets: dict = {}  # of the plan running: global block -> Subnet
         self.chunks = chunks
         self.rank = pp_rank
         self.p2p = p2p
@@ -66,12 +72,16 @@ class PipelineRuntime:
         micro: list[MicroBatch],
         scale: torch.Tensor | float,
         forward_only: bool = False,
+        plan: StepPlan | None = None,
     ) -> torch.Tensor:
-        """Forward and backward of every microbatch; returns the sum over the microbatches whose
-        last stage this rank holds of their summed token cross-entropy divided by `scale`,
-        detached. Gradients (of that loss) accumulate in the parameters. `forward_only` runs the
-        forwards alone, without autograd (evaluation)."""
-        s = self.schedule
+        """Forward and backward of every microbatch along its route in `plan` (default: the
+        full pipeline), each block running the plan's subnet of it; returns the sum over the
+        microbatches whose last stage this rank holds of their summed loss divided by `scale`,
+        detached. Gradients (of that loss) accumulate in the parameters; what no route visits
+        and what a subnet leaves out gets none. `forward_only` runs the forwards alone, without
+        autograd (evaluation)."""
+        s = self.current = self._schedule_for(plan)
+        self.subnets = plan.subnets if plan is not None else {}
         if len(micro) != s.microbatches:
             raise ValueError(f"{len(micro)} microbatches for a schedule of {s.microbatches}")
         micro = [batch.to(self.device) for batch in micro]
@@ -110,9 +120,25 @@ class PipelineRuntime:
             vocab.finish()
         return loss_sum
 
+    def _schedule_for(self, plan: StepPlan | None) -> Schedule:
+        """The schedule of `plan`'s routes on this replica (the full one when they are full)."""
+        if plan is None:
+            return self.schedule
+        routes = plan.stage_routes(self.replica)
+        if routes == self.schedule.routes:
+            return self.schedule
+        if self.vocab is not None:
+            raise ValueError("vocabulary parallelism runs full routes only; the plan skips stages")
+        if self._routed is None or self._routed[0] != routes:
+            self._routed = (
+                routes,
+                schedule_from_routes(self.schedule.pp, routes, self.schedule.vpp),
+            )
+        return self._routed[1]
+
     def _route(self, action: Action) -> tuple[list[int], int, int]:
-        stage = self.schedule.stage(self.rank, action.chunk)
-        route = self.schedule.routes[action.microbatch]
+        stage = self.current.stage(self.rank, action.chunk)
+        route = self.current.routes[action.microbatch]
         return route, route.index(stage), stage
 
     def _expected(self, action: Action | None, forward_only: bool):
@@ -123,7 +149,7 @@ class PipelineRuntime:
         forward = action.kind == "F"
         if (hop == 0) if forward else (hop == len(route) - 1):
             return None
-        src = self.schedule.owner(route[hop - 1] if forward else route[hop + 1])[0]
+        src = self.current.owner(route[hop - 1] if forward else route[hop + 1])[0]
         if src == self.rank:
             return None
         return (src, action.microbatch, stage, FORWARD if forward else BACKWARD)
@@ -134,12 +160,12 @@ class PipelineRuntime:
         key = (mb, to_stage, direction)
         if key in local:
             return local.pop(key)
-        return self.p2p.recv(self.schedule.owner(from_stage)[0], mb, to_stage, direction)
+        return self.p2p.recv(self.current.owner(from_stage)[0], mb, to_stage, direction)
 
     def _deliver(
         self, tensor: torch.Tensor, mb: int, to_stage: int, direction: int, local: dict
     ) -> None:
-        dst = self.schedule.owner(to_stage)[0]
+        dst = self.current.owner(to_stage)[0]
         if dst == self.rank:
             local[(mb, to_stage, direction)] = tensor
         else:
@@ -156,7 +182,8 @@ class PipelineRuntime:
         if inputs.is_floating_point():
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
-            output = self.chunks[action.chunk](inputs, batch.positions, batch.documents)
+            chunk = self.chunks[action.chunk]
+            output = chunk(inputs, batch.positions, batch.documents, self.subnets)
             if last and vocab is None:
                 output = self.loss(output, batch) / scale
         if last and vocab is not None:

@@ -150,6 +150,30 @@ def interleaved_1f1b(pp: int, microbatches: int, vpp: int, extra_warmup: int = 0
     return Schedule("interleaved_1f1b", pp, microbatches, actions, vpp=vpp)
 
 
+def schedule_from_routes(pp: int, routes: list[list[int]], vpp: int = 1) -> Schedule:
+    """A schedule for any routes within one replica (partial: some stages skipped; reordered:
+    stages out of order; every microbatch its own): each rank runs the forwards of the hops it
+    owns in (microbatch, hop) order, then their backwards in (microbatch, reversed hop) order,
+    GPipe-style. A rank then sends to and receives from each neighbour in the same order on
+    both ends, and no rank waits on one that waits on it (checked by the simulator in the
+    tests). Routes must start at stage 0 and end at the last stage (embedding and loss)."""
+    last = pp * vpp - 1
+    for mb, route in enumerate(routes):
+        if not route or route[0] != 0 or route[-1] != last or len(set(route)) != len(route):
+            raise ValueError(
+                f"microbatch {mb} visits {route}: a route starts at stage 0, ends at stage "
+                f"{last} and visits no stage twice"
+            )
+    actions: list[list[Action]] = [[] for _ in range(pp)]
+    for kind in "FB":
+        for mb, route in enumerate(routes):
+            for stage in route if kind == "F" else route[::-1]:
+                actions[stage % pp].append(Action(kind, mb, stage // pp))
+    schedule = Schedule("routes", pp, len(routes), actions, vpp=vpp, routes=routes)
+    schedule.check()
+    return schedule
+
+
 def build_schedule(
     name: str, pp: int, microbatches: int, vpp: int = 1, extra_warmup: int = 0
 ) -> Schedule:
