@@ -74,6 +74,9 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: Optional[int] = None
+    # the dtype (bf16, fp16, fp32) of the Hugging Face weights the model came from: an export
+    # writes it unless told otherwise (None: the checkpoint's own)
+    hf_dtype: Optional[str] = None
 
 
 @dataclass

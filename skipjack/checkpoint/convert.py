@@ -4,7 +4,8 @@
     skipjack convert export <step dir> <hf dir> [--dtype bf16|fp16|fp32]   # for transformers
 
 Import keeps the weights' dtype and refuses a model skipjack cannot represent exactly (one line
-naming the config field); export writes the dtype of the checkpoint unless `--dtype` says.
+naming the config field). Export writes the dtype of the Hugging Face weights the model came from
+(also after training from them in fp32), else the checkpoint's, unless `--dtype` says.
 
 A skipjack checkpoint is independent of the layout that wrote it, so one import serves every
 layout: `model.init_from=<step dir>` (or directly `model.init_from=<hf dir>`) starts a run with
@@ -61,7 +62,8 @@ def import_hf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
 def export_hf(
     source: str | os.PathLike, target: str | os.PathLike, dtype: str | None = None
 ) -> Path:
-    """`source` as a Hugging Face directory, in `dtype` (None: the checkpoint's)."""
+    """`source` as a Hugging Face directory, in `dtype` (None: that of the Hugging Face weights
+    the model came from, else the checkpoint's)."""
     source = Path(source)
     verify(source)
     cfg = marked_model(source)

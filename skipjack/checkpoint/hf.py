@@ -195,7 +195,9 @@ def write(
     dtype: str | None = None,
 ) -> None:
     """A Hugging Face Llama directory (`transformers` loads it) from skipjack's tensors, in
-    `dtype` (None: the tensors' own), written next to `path` and renamed into place."""
+    `dtype` (None: that of the Hugging Face weights the model came from, else the tensors'
+    own), written next to `path` and renamed into place."""
+    dtype = dtype or cfg.hf_dtype
     out = {}
     for name, tensor in tensors.items():
         if name == "output.weight" and cfg.tie_embeddings:

@@ -65,6 +65,7 @@ _ROPE_KEYS = {
     ),
 }
 _SUPPORTED_ROPE = "default, " + ", ".join(ROPE_TYPES)
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config name -> skipjack
 _KNOWN = (
     _IGNORED
     | _FIXED.keys()
@@ -104,6 +105,7 @@ def model_config(hf: dict, name: str, base: ModelConfig | None = None) -> ModelC
     fields.update(rope_theta=float(theta), rope_scaling=rope_scaling)
     fields["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
     eos = hf.get("eos_token_id")
+    fields["hf_dtype"] = _DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"))
     fields.update(
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],

@@ -289,11 +289,14 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys, damage, says
 
 
 def test_one_kv_head_at_tp2_gives_transformers_logits_and_saves_for_tp1(tmp_path):
-    """tp=2 with one kv head (each rank holds a replica): transformers' logits; saved there
-    (every replica writes half of the head's rows) and loaded at tp=1, the same logits."""
-    tokens, expected = save_hf(tmp_path / "hf", torch.float32, False, num_key_value_heads=1)
+    """tp=2 with one kv head (each rank holds a replica) from bf16 weights: transformers'
+    logits; saved there (fp32 training weights; every replica writes half of the head's rows)
+    and loaded at tp=1, the same logits; exported, bf16 again, as the source was."""
+    tokens, expected = save_hf(tmp_path / "hf", torch.bfloat16, False, num_key_value_heads=1)
     saved = tmp_path / "saved"
     results = run_ranks(logits_in_layout, 2, tmp_path / "hf", tokens, 2, 1, "none", saved)
     assert all((got - expected).abs().max() <= 1e-5 for got in results)
     (again,) = run_ranks(logits_in_layout, 1, saved / "step-0000000", tokens, 1, 1)
     assert (again - expected).abs().max() <= 1e-5
+    exported = export_hf(saved / "step-0000000", tmp_path / "exported")
+    assert safetensors_dtypes(exported) == {"BF16"}
