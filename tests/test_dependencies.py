@@ -53,18 +53,24 @@ def test_source_imports_follow_the_arrows(package):
 
 
 def test_importing_each_package_pulls_in_nothing_upstream():
-    """Each package's modules imported in a fresh interpreter; what skipjack modules came with."""
+    """Each package's modules imported in one fresh interpreter, skipjack's modules forgotten
+    between packages; what skipjack modules came with each."""
     script = (
         "import importlib, json, sys\n"
-        "mods = json.loads(sys.argv[1])\n"
-        "for m in mods: importlib.import_module(m)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('skipjack'))))\n"
+        "for package, mods in json.loads(sys.argv[1]).items():\n"
+        "    for m in [m for m in sys.modules if m.startswith('skipjack')]:\n"
+        "        del sys.modules[m]\n"
+        "    for m in mods:\n"
+        "        importlib.import_module(m)\n"
+        "    loaded = sorted(m for m in sys.modules if m.startswith('skipjack'))\n"
+        "    print(json.dumps([package, loaded]))\n"
     )
-    for package, forbidden in FORBIDDEN.items():
-        modules = _modules(package)
-        out = subprocess.run(
-            [sys.executable, "-c", script, json.dumps(modules)],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        loaded = json.loads(out.strip().splitlines()[-1])
-        assert not [m for m in loaded if _is_under(m, forbidden)], (package, loaded)
+    modules = {package: _modules(package) for package in FORBIDDEN}
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(modules)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
+    assert [package for package, _ in lines] == list(FORBIDDEN)
+    for package, loaded in lines:
+        assert not [m for m in loaded if _is_under(m, FORBIDDEN[package])], (package, loaded)
