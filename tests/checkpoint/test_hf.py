@@ -28,25 +28,31 @@ from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
 from skipjack.trainer.engine import NativeEngine
 
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=250,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 
-def make_hf(path, tied, sharded):
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=250,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tied,
-    )
+
+def save_hf(path, dtype, sharded, **overrides):
+    """transformers' random Llama of BASE + `overrides` saved in `dtype`; its fp32 logits of
+    some tokens, computed from the saved (rounded) weights."""
+    config = LlamaConfig(**(BASE | overrides))
+    config.rope_parameters.setdefault("rope_theta", 10000.0)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, max_shard_size="100KB" if sharded else "5GB")
-    tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(1))
+    LlamaForCausalLM(config).to(dtype).save_pretrained(
+        path, max_shard_size="100KB" if sharded else "5GB"
+    )
+    reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 250, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return tokens, model(tokens).logits
+        return tokens, reference(tokens).logits
 
 
 def logits_in_layout(source, tokens, tp, pp, vocab="none", save_to=None):
@@ -60,7 +66,7 @@ def logits_in_layout(source, tokens, tp, pp, vocab="none", save_to=None):
     job = TrainJobConfig(
         model=model,
         parallel=ParallelConfig(tp=tp, pp=pp, vocab_parallel=vocab),
-        train=TrainConfig(steps=1, micro_batch_size=2, seq_len=16, dtype="fp32"),
+        train=TrainConfig(steps=1, micro_batch_size=2, seq_len=tokens.shape[1], dtype="fp32"),
         checkpoint=CheckpointConfig(dir=str(save_to or "/nonexistent"), resume="none"),
     )
     dims = ParallelDims(dp=1, pp=pp, tp=tp, rank=dist.get_rank()).build_groups()
@@ -73,12 +79,12 @@ def logits_in_layout(source, tokens, tp, pp, vocab="none", save_to=None):
         if dims.pp_rank == 0:
             out = chunk(tokens if passes is None else passes.embedding(0))
         else:
-            hidden = torch.empty(2, 16, model.dim)
+            hidden = torch.empty(*tokens.shape, model.dim)
             dist.recv(hidden, dims.rank_of(dims.pp_rank - 1, 0, dims.tp_rank))
             out = chunk(hidden)
         if dims.pp_rank < pp - 1:
             dist.send(out.contiguous(), dims.rank_of(dims.pp_rank + 1, 0, dims.tp_rank))
-            out = torch.empty(2, 16, model.dim) if passes is not None else None
+            out = torch.empty(*tokens.shape, model.dim) if passes is not None else None
         group = "tp"
         if passes is not None:  # every rank computes the logits of its vocabulary rows
             dist.broadcast(out, src=dims.rank_of(pp - 1, 0, 0))
@@ -98,7 +104,7 @@ def logits_in_layout(source, tokens, tp, pp, vocab="none", save_to=None):
 
 @pytest.mark.parametrize("tied,sharded", [(False, True), (True, False)], ids=["untied", "tied"])
 def test_import_into_layouts_and_export_back(tmp_path, tied, sharded):
-    tokens, expected = make_hf(tmp_path / "hf", tied, sharded)
+    tokens, expected = save_hf(tmp_path / "hf", torch.float32, sharded, tie_word_embeddings=tied)
     # tied embeddings at pp=2 need vocabulary parallelism (both layers on every rank)
     layouts = [(2, 1, "none"), (1, 2, "alg2" if tied else "none")]
     for tp, pp, vocab in layouts:
@@ -117,16 +123,6 @@ def test_import_into_layouts_and_export_back(tmp_path, tied, sharded):
 
 # -- every supported variant, single process, against transformers ----------------------------
 
-BASE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=250,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
 VARIANTS = {
     "linear-rope": dict(rope_parameters={"rope_type": "linear", "factor": 4.0}),
     "llama3-rope": dict(
@@ -145,21 +141,6 @@ VARIANTS = {
     "tied-gqa-4to1": dict(num_attention_heads=8, tie_word_embeddings=True),
     "tied-one-kv-head": dict(num_key_value_heads=1, tie_word_embeddings=True),
 }
-
-
-def save_hf(path, dtype, sharded, **overrides):
-    """transformers' random Llama of BASE + `overrides` saved in `dtype`; its fp32 logits of
-    some tokens, computed from the saved (rounded) weights."""
-    config = LlamaConfig(**(BASE | overrides))
-    config.rope_parameters.setdefault("rope_theta", 10000.0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(dtype).save_pretrained(
-        path, max_shard_size="100KB" if sharded else "5GB"
-    )
-    reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokens = torch.randint(0, 250, (2, 48), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return tokens, reference(tokens).logits
 
 
 def skipjack_logits(directory, tokens):
