@@ -214,6 +214,12 @@ class FeedForward(nn.Module):
 FULL = Subnet()  # every head and neuron, unscaled
 
 
+def _complement(active: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool, device=active.device)
+    keep[active] = False
+    return keep.nonzero().flatten()
+
+
 class Block(nn.Module):
     """Pre-norm block; the residual stream is replicated over tp (sequence-sharded under sp)."""
 
@@ -224,6 +230,25 @@ class Block(nn.Module):
         self.attention = Attention(cfg, tp)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
         self.feed_forward = FeedForward(cfg, tp)
+
+    def inactive(self, subnet: Subnet) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(parameter, dim, indices) of every slice of this block's weights that `subnet`
+        leaves out: rows of wq for inactive heads, of wk and wv for kv heads no active head
+        uses, columns of wo; rows of w1 and w3 and columns of w2 for inactive neurons. (A
+        skipped block's parameters get no gradient at all.)"""
+        a, ff, slices = self.attention, self.feed_forward, []
+        if subnet.heads is not None:
+            group = a.n_heads // a.n_kv_heads
+            heads = subnet.heads.to(a.wq.weight.device)
+            off = _complement(heads, a.n_heads)
+            off_kv = _complement(torch.unique(heads // group), a.n_kv_heads)
+            rows, kv_rows = head_rows(off, a.head_dim), head_rows(off_kv, a.head_dim)
+            slices += [(a.wq.weight, 0, rows), (a.wo.weight, 1, rows)]
+            slices += [(a.wk.weight, 0, kv_rows), (a.wv.weight, 0, kv_rows)]
+        if subnet.neurons is not None:
+            off = _complement(subnet.neurons.to(ff.w1.weight.device), ff.w1.weight.shape[0])
+            slices += [(ff.w1.weight, 0, off), (ff.w3.weight, 0, off), (ff.w2.weight, 1, off)]
+        return [(p, dim, index) for p, dim, index in slices if len(index)]
 
     def forward(
         self,

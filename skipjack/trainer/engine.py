@@ -20,6 +20,7 @@ import torch.distributed as dist
 from skipjack.batch import MicroBatch
 from skipjack.config import TrainJobConfig
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
+from skipjack.optim.inactive import Slice, slices_left_alone
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.plan import StepPlan
@@ -75,12 +76,14 @@ class NativeEngine:
         self.grad_sync.all_reduce()
         return self._global_loss(loss_sum)
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, plan: StepPlan | None = None) -> float:
         """Clip to the global norm (every element counted once, by shard spec), step the
-        optimizer and the LR schedule, zero the gradients; returns the norm before clipping."""
+        optimizer and the LR schedule, zero the gradients; returns the norm before clipping.
+        The slices of weights `plan`'s subnets left out are left alone (optim/inactive.py)."""
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm, self.dims.groups)
-        self.optimizer.step()
+        with slices_left_alone(self.optimizer, self._inactive(plan)):
+            self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -98,7 +101,18 @@ class NativeEngine:
         lr = self.lr
         if before_update is not None:
             before_update()
-        return loss, lr, self.optimizer_step()
+        return loss, lr, self.optimizer_step(plan)
+
+    def _inactive(self, plan: StepPlan | None) -> list[Slice]:
+        if plan is None or not plan.subnets:
+            return []
+        blocks = {int(i): b for chunk in self.runtime.chunks for i, b in chunk.layers.items()}
+        return [
+            piece
+            for index, subnet in plan.subnets.items()
+            if index in blocks and subnet is not None and not subnet.skip
+            for piece in blocks[index].inactive(subnet)
+        ]
 
     def evaluate(self, batches: list[list[MicroBatch]]) -> float:
         """Mean loss per target token over validation global batches (each this rank's
