@@ -39,7 +39,8 @@ def train_step(
     due (started, written in the background); returns (loss, lr, grad norm). Parameters change
     only after the save in flight holds its copy."""
     micro = loader.next()
-    loss, lr, grad_norm = engine.step(micro, checkpoints and checkpoints.before_update)
+    before_update = checkpoints.before_update if checkpoints is not None else None
+    loss, lr, grad_norm = engine.step(micro, before_update)
     if checkpoints is not None and checkpoints.due(step):
         tokens = loader.consumed_samples * int(micro[0].tokens.shape[1])
         checkpoints.save(step, engine, {"step": step, "tokens": tokens}, loader.state_dict())
