@@ -44,13 +44,13 @@ def _launch(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from skipjack.config import validate
+    from skipjack.config import prepare
     from skipjack.launch import slurm, torchrun
 
     job = OmegaConf.to_object(cfg)
     la = job.launch
     world = la.num_workers if la.name == "ray" else la.nodes * la.nproc_per_node
-    validate(job, world)
+    prepare(job, world)
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
     if la.name == "ray":

@@ -8,6 +8,7 @@ from skipjack.config import (
     ConfigError,
     TrainJobConfig,
     derive_micro_batches,
+    prepare,
     validate,
 )
 from skipjack.testing.cli import compose_job
@@ -16,7 +17,7 @@ from skipjack.testing.cli import compose_job
 def test_default_job_is_valid():
     cfg = compose_job()
     assert isinstance(cfg, TrainJobConfig) and cfg.model.name == "tiny"
-    validate(cfg, 1)
+    prepare(cfg, 1)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ def test_default_job_is_valid():
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
     cfg = compose_job(*overrides)
     with pytest.raises(ConfigError) as err:
-        validate(cfg, world)
+        prepare(cfg, world)
     assert err.value.field_name == field
     assert fix in str(err.value)
 
@@ -120,10 +121,10 @@ def test_microbatches_decide_the_micro_batch_size():
     cfg = compose_job("parallel.microbatches=4", "train.global_batch_size=16")
     derive_micro_batches(cfg, 2)  # dp=2: 2 replicas x 4 micro-batches of 2 sequences
     assert cfg.train.micro_batch_size == 2
-    validate(cfg, 2)
+    prepare(cfg, 2)
     both = compose_job("parallel.microbatches=4", "train.micro_batch_size=4")
     with pytest.raises(ConfigError, match="train.micro_batch_size: 4 contradicts"):
-        validate(both, 1)
+        prepare(both, 1)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ def test_auto_micro_batches_fit_every_layout_added_to_the_default_job(
     overrides, world, micro_batch_size, notice
 ):
     cfg = compose_job(*overrides)
-    said = validate(cfg, world)
+    said = prepare(cfg, world)
     assert cfg.train.micro_batch_size == micro_batch_size
     assert (said is not None) == notice
     if notice:
@@ -154,15 +155,15 @@ def test_auto_micro_batches_fit_every_layout_added_to_the_default_job(
 
 def test_explicit_micro_batch_size_wins_and_an_impossible_one_names_the_knob():
     cfg = compose_job("parallel.pp=2", "train.micro_batch_size=4")
-    validate(cfg, 2)
+    prepare(cfg, 2)
     assert cfg.train.micro_batch_size == 4
     interleaved = ["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"]
     with pytest.raises(ConfigError, match="train.micro_batch_size: .*multiple of 2"):
-        validate(compose_job(*interleaved, "train.micro_batch_size=8"), 2)
+        prepare(compose_job(*interleaved, "train.micro_batch_size=8"), 2)
     with pytest.raises(ConfigError, match="train.global_batch_size: 3 gives 3 sequences"):
-        validate(compose_job(*interleaved, "train.global_batch_size=3"), 2)
+        prepare(compose_job(*interleaved, "train.global_batch_size=3"), 2)
     with pytest.raises(ConfigError, match="train.micro_batch_size: 'many'"):
-        validate(compose_job("train.micro_batch_size=many"), 1)
+        prepare(compose_job("train.micro_batch_size=many"), 1)
 
 
 def test_unknown_keys_and_presets_are_refused_by_the_schema():
@@ -206,3 +207,14 @@ def test_cli_cfg_job_and_help_work_as_in_hydra():
     assert helped.returncode == 0 and "model: " in helped.stdout and "llama3_8b" in helped.stdout
     assert cli("preprocess", "--help").returncode == 0
     assert cli("bogus").returncode == 2
+
+
+def test_validation_does_not_derive():
+    """Deriving is its own step (derive_micro_batches, or prepare = derive then validate)."""
+    cfg = compose_job("parallel.pp=2")
+    with pytest.raises(ConfigError, match="train.micro_batch_size: 'auto' is not derived yet"):
+        validate(cfg, 2)
+    assert cfg.train.micro_batch_size == "auto"
+    derive_micro_batches(cfg, 2)
+    validate(cfg, 2)
+    assert cfg.train.micro_batch_size == 2

@@ -19,7 +19,7 @@ from skipjack.atomic import write_text
 from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.sharded import load_model
-from skipjack.config import ConfigError, TrainJobConfig, resolve_dp, validate
+from skipjack.config import ConfigError, TrainJobConfig, prepare, resolve_dp
 from skipjack.data.loader import ShardedLoader
 from skipjack.data.source import build_datasets
 from skipjack.models.llama import flops_per_token, num_parameters
@@ -80,12 +80,12 @@ def _wandb_run(cfg: TrainJobConfig, run_dir: Path, resolved: dict):
 
 
 def checked_job(cfg: DictConfig, world: int) -> tuple[TrainJobConfig, str | None]:
-    """The typed job of `cfg` for a world of `world` ranks, checked (raises ConfigError), and
-    the notice of `validate` if any."""
+    """The typed job of `cfg` for a world of `world` ranks, derived and checked (raises
+    ConfigError), and the notice of the derivation if any."""
     job: TrainJobConfig = OmegaConf.to_object(cfg)
     if job.model.init_from:
         job.model = init_model_config(job.model)
-    return job, validate(job, world)
+    return job, prepare(job, world)
 
 
 class Trainer:

@@ -1,0 +1,88 @@
+"""`data` (and `skipjack preprocess`): where tokens come from, and its checks."""
+
+from __future__ import annotations  # the schema's Optional[...] stays: OmegaConf 2.3 needs it
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from skipjack.config.errors import ConfigError
+
+DATA_KINDS = ("builtin", "indexed")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    `kind=builtin` trains on the Python standard library's source (on every machine, cached after
+    first use). `kind=indexed` reads Megatron indexed datasets made by `skipjack preprocess`:
+    `paths` is a blend, either prefixes alone or alternating weight and prefix.
+    """
+
+    kind: str = "builtin"
+    paths: list[str] = field(default_factory=list)
+    split: str = "98,2,0"
+    tokenizer: Optional[str] = None
+    tokenizer_vocab_size: int = 4096
+    cache_dir: str = "${oc.env:SKIPJACK_CACHE,'~/.cache/skipjack'}"
+
+
+@dataclass
+class PreprocessConfig:
+    """`skipjack preprocess`: text/jsonl files -> Megatron indexed dataset (.bin/.idx)."""
+
+    inputs: list[str] = field(default_factory=list)
+    output_prefix: str = MISSING
+    json_key: str = "text"
+    tokenizer: Optional[str] = None
+    tokenizer_vocab_size: int = 4096
+    cache_dir: str = "${oc.env:SKIPJACK_CACHE,'~/.cache/skipjack'}"
+
+
+def validate_data(d: DataConfig) -> None:
+    if d.kind not in DATA_KINDS:
+        raise ConfigError("data.kind", f"unknown kind {d.kind!r}; use one of {DATA_KINDS}")
+    if d.kind == "indexed":
+        if not d.paths:
+            raise ConfigError(
+                "data.paths", "data.kind=indexed needs dataset prefixes (from skipjack preprocess)"
+            )
+        for prefix in parse_blend(d.paths)[0]:
+            for suffix in (".bin", ".idx"):
+                if not os.path.exists(os.path.expanduser(prefix) + suffix):
+                    raise ConfigError(
+                        "data.paths",
+                        f"{prefix}{suffix} does not exist; run `skipjack preprocess` to make it",
+                    )
+    if d.tokenizer is not None and not os.path.exists(os.path.expanduser(d.tokenizer)):
+        raise ConfigError(
+            "data.tokenizer", f"{d.tokenizer} does not exist; give a tokenizer.json or null"
+        )
+    split = [s for s in d.split.split(",") if s.strip()]
+    try:
+        parts = [float(s) for s in split]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0 or parts[1] <= 0:
+        raise ConfigError(
+            "data.split", f"{d.split!r} must be 'train,valid,test' weights with valid > 0"
+        )
+
+
+def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
+    """A blend written as `[w1, p1, w2, p2, ...]` or `[p1, p2, ...]` -> (prefixes, weights)."""
+    weighted = len(paths) % 2 == 0 and all(_is_number(p) for p in paths[0::2])
+    if weighted:
+        return list(paths[1::2]), [float(w) for w in paths[0::2]]
+    return list(paths), None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,41 @@
+"""`train`: steps, batch sizes, sequence length, device, dtype, seed, the run directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from skipjack.config.errors import ConfigError, positive
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: Union[int, str] = "auto"  # sequences per forward; auto: derived
+    seq_len: int = 128
+    val_interval: int = 50
+    val_batches: int = 4
+    device: str = "auto"
+    dtype: str = "bf16"
+    seed: int = 1234
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+def validate_train(t: TrainConfig, max_seq_len: int) -> None:
+    """`t` (its micro-batch size derived) for a model of `max_seq_len` positions."""
+    for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "val_interval"):
+        positive(f"train.{name}", getattr(t, name))
+    if t.val_batches < 0:
+        raise ConfigError("train.val_batches", f"must be >= 0, got {t.val_batches}")
+    if t.seq_len > max_seq_len:
+        raise ConfigError(
+            "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={max_seq_len}; shorten it"
+        )
+    if t.device not in DEVICES:
+        raise ConfigError("train.device", f"unknown device {t.device!r}; use one of {DEVICES}")
+    if t.dtype not in DTYPES:
+        raise ConfigError("train.dtype", f"unknown dtype {t.dtype!r}; use one of {DTYPES}")
