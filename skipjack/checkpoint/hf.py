@@ -39,8 +39,7 @@ _LAYER_NAMES = {
     "post_attention_layernorm": "ffn_norm",
 }
 _TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {name: getattr(torch, theirs) for name, theirs in hf_config.DTYPE_NAMES.items()}
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -207,8 +206,8 @@ def write(
         if name.endswith(("wq.weight", "wk.weight")):
             tensor = _rope_rows(tensor, head_dim(cfg), to_interleaved=False)
         out[to_hf_name(name)] = tensor.contiguous()
-    dtypes = {t.dtype for t in out.values()}
-    config = hf_config.hf_config(cfg, _DTYPE_NAMES[max(dtypes, key=lambda d: d.itemsize)])
+    widest = max((t.dtype for t in out.values()), key=lambda d: d.itemsize)
+    config = hf_config.hf_config(cfg, str(widest).removeprefix("torch."))
     with replacing_dir(path) as tmp:
         save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

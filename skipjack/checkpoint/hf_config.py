@@ -65,7 +65,8 @@ _ROPE_KEYS = {
     ),
 }
 _SUPPORTED_ROPE = "default, " + ", ".join(ROPE_TYPES)
-_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config name -> skipjack
+# skipjack's dtype names -> those of Hugging Face configs (and of torch)
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _KNOWN = (
     _IGNORED
     | _FIXED.keys()
@@ -105,7 +106,8 @@ def model_config(hf: dict, name: str, base: ModelConfig | None = None) -> ModelC
     fields.update(rope_theta=float(theta), rope_scaling=rope_scaling)
     fields["tie_embeddings"] = bool(hf.get("tie_word_embeddings", False))
     eos = hf.get("eos_token_id")
-    fields["hf_dtype"] = _DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"))
+    ours = {theirs: name for name, theirs in DTYPE_NAMES.items()}
+    fields["hf_dtype"] = ours.get(hf.get("dtype") or hf.get("torch_dtype"))
     fields.update(
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=[] if eos is None else list(eos) if isinstance(eos, list) else [eos],

@@ -52,8 +52,7 @@ def _global(local: torch.Tensor, spec: ShardSpec, dims: ParallelDims):
     shape = spec.unpadded_shape
     if spec.replicas > 1:
         rank = dist.get_rank(dims.group(spec.group))
-        part = spec.local_shape[spec.dim] // spec.replicas
-        local = local.narrow(spec.dim, rank % spec.replicas * part, part)
+        local = local.narrow(spec.dim, *spec.replica_part(rank))
         shards = spec.num_shards * spec.replicas
         spec = ShardSpec(spec.global_shape, spec.dim, spec.group, shards, rank, true_shape=shape)
     # torch.chunk layout: ceil(n / shards) rows each, the last shard short: exactly the padded
@@ -252,12 +251,11 @@ def join_replicas(training, dims: ParallelDims, optimizer: bool) -> None:
             v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape
         ]
         group = dims.group(spec.group)
-        part = spec.local_shape[spec.dim] // spec.replicas
-        start = dist.get_rank(group) % spec.replicas * part
+        start, size = spec.replica_part(dist.get_rank(group))
         for tensor in tensors:
-            mine = tensor.narrow(spec.dim, start, part).clone()
+            mine = tensor.narrow(spec.dim, start, size).clone()
             tensor.zero_()
-            tensor.narrow(spec.dim, start, part).copy_(mine)
+            tensor.narrow(spec.dim, start, size).copy_(mine)
             sum_over_replicas(tensor, spec, group)
 
 

@@ -36,7 +36,7 @@ from skipjack.config import (
     validate_tensor_parallel,
 )
 from skipjack.models.rope import apply_rope, rope_cos_sin
-from skipjack.models.subnet import Subnet, head_rows
+from skipjack.models.subnet import Subnet, complement, head_rows, kv_heads_used
 from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, replicated, set_spec, spec_of
 from skipjack.parallel.tensor import (
     TensorParallel,
@@ -167,7 +167,7 @@ class Attention(nn.Module):
         else:
             heads = heads.to(x.device)
             group = self.n_heads // self.n_kv_heads
-            kv_used = torch.unique(heads // group)
+            kv_used = kv_heads_used(heads, self.n_heads, self.n_kv_heads)
             kv_of = None
             if len(heads) != len(kv_used) * group:  # a group cut: one kv copy per query head
                 kv_of = torch.searchsorted(kv_used, heads // group)
@@ -214,12 +214,6 @@ class FeedForward(nn.Module):
 FULL = Subnet()  # every head and neuron, unscaled
 
 
-def _complement(active: torch.Tensor, n: int) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool, device=active.device)
-    keep[active] = False
-    return keep.nonzero().flatten()
-
-
 class Block(nn.Module):
     """Pre-norm block; the residual stream is replicated over tp (sequence-sharded under sp)."""
 
@@ -238,15 +232,14 @@ class Block(nn.Module):
         skipped block's parameters get no gradient at all.)"""
         a, ff, slices = self.attention, self.feed_forward, []
         if subnet.heads is not None:
-            group = a.n_heads // a.n_kv_heads
             heads = subnet.heads.to(a.wq.weight.device)
-            off = _complement(heads, a.n_heads)
-            off_kv = _complement(torch.unique(heads // group), a.n_kv_heads)
+            off = complement(heads, a.n_heads)
+            off_kv = complement(kv_heads_used(heads, a.n_heads, a.n_kv_heads), a.n_kv_heads)
             rows, kv_rows = head_rows(off, a.head_dim), head_rows(off_kv, a.head_dim)
             slices += [(a.wq.weight, 0, rows), (a.wo.weight, 1, rows)]
             slices += [(a.wk.weight, 0, kv_rows), (a.wv.weight, 0, kv_rows)]
         if subnet.neurons is not None:
-            off = _complement(subnet.neurons.to(ff.w1.weight.device), ff.w1.weight.shape[0])
+            off = complement(subnet.neurons.to(ff.w1.weight.device), ff.w1.weight.shape[0])
             slices += [(ff.w1.weight, 0, off), (ff.w3.weight, 0, off), (ff.w2.weight, 1, off)]
         return [(p, dim, index) for p, dim, index in slices if len(index)]
 
@@ -438,7 +431,7 @@ def block_flops(cfg: ModelConfig, seq_len: int, subnet: Subnet | None = None, tp
     n_q, n_kv = cfg.n_heads // tp, max(cfg.n_kv_heads // tp, 1)
     q, kv, neurons = n_q, n_kv, cfg.ffn_dim // tp
     if sub.heads is not None:
-        q, kv = len(sub.heads), len(torch.unique(sub.heads // (n_q // n_kv)))
+        q, kv = len(sub.heads), len(kv_heads_used(sub.heads, n_q, n_kv))
     if sub.neurons is not None:
         neurons = len(sub.neurons)
     projections = cfg.dim * hd * (2 * q + 2 * kv) + 3 * cfg.dim * neurons

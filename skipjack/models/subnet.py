@@ -25,6 +25,19 @@ class Subnet:
     neuron_scale: float = 1.0  # on the MLP output (EST's 1 / p_M)
 
 
+def kv_heads_used(heads: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """The local kv heads (sorted) that the local query heads `heads` attend with, among
+    `n_kv_heads` shared by `n_heads` query heads in equal groups."""
+    return torch.unique(heads // (n_heads // n_kv_heads))
+
+
+def complement(active: torch.Tensor, n: int) -> torch.Tensor:
+    """The indices in range(n) that `active` leaves out."""
+    keep = torch.ones(n, dtype=torch.bool, device=active.device)
+    keep[active] = False
+    return keep.nonzero().flatten()
+
+
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The rows (or columns) of a head-major weight that heads `heads` own."""
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()

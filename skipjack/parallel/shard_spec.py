@@ -45,6 +45,12 @@ class ShardSpec:
     # the shape without padding (a vocabulary rounded up to the shard count); None: global_shape
     true_shape: tuple[int, ...] | None = None
 
+    def replica_part(self, group_rank: int) -> tuple[int, int]:
+        """(start, size) along `dim` of the equal part of its shard that rank `group_rank` of the
+        group writes and reads in a checkpoint when several ranks hold the shard."""
+        size = self.local_shape[self.dim] // self.replicas
+        return group_rank % self.replicas * size, size
+
     @property
     def unpadded_shape(self) -> tuple[int, ...]:
         """The global shape of the real values, what a checkpoint holds."""
