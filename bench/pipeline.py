@@ -5,10 +5,11 @@ with a plan of subnets.
     python bench/pipeline.py [--steps 6] [--json out.json]
 
 Part 1 (no processes): for 64 microbatches at pp=8, building today's fixed schedule
-(`build_schedule("1f1b")`, checked), and building a plan (`StepPlan.full`), its stage routes and
-a schedule from those routes made partial (every other microbatch skips stage 3;
+(`build_schedule("1f1b")`, checked), and building a plan (`StepPlan.full`), its routes as places
+and a schedule from those routes made partial (every other microbatch skips stage 3;
 `schedule_from_routes`, checked; what the runtime does each step whose routes differ from the
-last), and the simulator's deadlock check of that schedule: milliseconds, and the share of one
+last), the same over two replicas with every other microbatch ending on the other replica, and
+the simulator's deadlock check of the one-replica schedule: milliseconds, and the share of one
 training step of part 2 (a pp=8 step of 64 microbatches is longer still).
 
 Part 2 (pp=2 gloo processes, the `tiny` preset, sequences of 256 tokens, 8 micro-batches of one
@@ -53,15 +54,24 @@ def planning_costs(pp: int = 8, microbatches: int = 64) -> dict[str, float]:
 
     def routed():
         plan = StepPlan.full(1, microbatches, pp)
-        routes = plan.stage_routes(0)
+        routes = plan.places(pp)
         for mb in range(0, microbatches, 2):
             routes[mb] = [s for s in routes[mb] if s != 3]
         return schedule_from_routes(pp, routes)
+
+    def across():
+        half = microbatches // 2
+        hops = StepPlan.full(2, half, pp).routes
+        for r, replica in enumerate(hops):
+            for mb in range(0, half, 2):
+                replica[mb][-1] = (1 - r, pp - 1)
+        return schedule_from_routes(pp, StepPlan(hops).places(pp), replicas=2)
 
     schedule = routed()
     return {
         "fixed 1F1B schedule (once per job)": _ms(fixed),
         "plan + routed schedule (per step)": _ms(routed),
+        "same, 2 replicas, routes across": _ms(across),
         "simulator deadlock check": _ms(lambda: simulate(schedule, CostModel.uniform(pp))),
     }
 

@@ -32,3 +32,20 @@ class MicroBatch:
     def targets(self) -> int:
         """How many positions carry a loss."""
         return int((self.labels != IGNORE_INDEX).sum())
+
+    def pack(self) -> torch.Tensor:
+        """One int64 tensor (4, batch, seq) to send to a rank that has not loaded this batch:
+        tokens, labels, positions and documents, a row of -1 for those absent."""
+        absent = torch.full_like(self.tokens, -1)
+        rows = (self.tokens, self.labels, self.positions, self.documents)
+        return torch.stack([absent if t is None else t.to(torch.int64) for t in rows])
+
+    @staticmethod
+    def unpack(packed: torch.Tensor) -> MicroBatch:
+        tokens, labels, positions, documents = packed.unbind(0)
+        return MicroBatch(
+            tokens,
+            labels,
+            None if bool((positions < 0).all()) else positions,
+            None if bool((documents < 0).all()) else documents,
+        )

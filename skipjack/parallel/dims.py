@@ -59,8 +59,15 @@ class ParallelDims:
             self.groups[kind] = self.mesh.get_group(kind)
         # the pp x tp ranks of each replica, pp-major: rank pp_rank x tp + tp_rank in it
         self.groups["vocab"] = self.mesh["pp", "tp"]._flatten("vocab").get_group()
+        # the pp x dp ranks of each tensor-parallel rank: routes that cross replicas
+        self.groups["pipe"] = self.mesh["pp", "dp"]._flatten("pipe").get_group()
         self.groups["checkpoint"] = dist.new_group(list(range(world)), backend="gloo")
         return self
+
+    def pipe_ranks(self) -> list[list[int]]:
+        """The global rank of every (replica, pipeline rank) at this rank's tensor-parallel
+        rank: the nodes of the "pipe" group."""
+        return [[self.rank_of(p, r, self.tp_rank) for p in range(self.pp)] for r in range(self.dp)]
 
     def group(self, kind: str) -> dist.ProcessGroup:
         return self.groups[kind]

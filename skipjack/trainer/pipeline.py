@@ -97,7 +97,7 @@ def build_pipeline(
     last = schedule.num_stages - 1
     chunks = []
     for chunk in range(p.vpp):
-        stage = schedule.stage(dims.pp_rank, chunk)
+        stage = schedule.place(dims.pp_rank, chunk)
         model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp, vocab_parallel)
         chunks.append(model.init_weights(job.train.seed, device))
     vocab = None
@@ -120,12 +120,13 @@ def build_pipeline(
         schedule,
         chunks,
         dims.pp_rank,
-        P2P(dims.group("pp"), schedule.num_stages, device),
+        P2P(dims.group("pipe"), dims.dp * schedule.num_stages, device),
         device,
         cross_entropy(tp, m.vocab_size),
         lambda: autocast_for(device, job.train.dtype),
         vocab,
         dims.dp_rank,
+        dims.pipe_ranks(),
     )
 
 

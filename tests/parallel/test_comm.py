@@ -3,7 +3,8 @@
 import torch
 import torch.distributed as dist
 
-from skipjack.parallel.pipeline.comm import BACKWARD, FORWARD, P2P
+from skipjack.parallel.pipeline.comm import P2P
+from skipjack.parallel.pipeline.schedule import BACKWARD, FORWARD
 from skipjack.testing import run_ranks
 
 MESSAGES = [  # (mb, stage, direction, shape, dtype): two links, with their own layouts
@@ -21,7 +22,7 @@ def value(mb, stage, direction, shape, dtype):
 
 def exchange():
     rank = dist.get_rank()
-    p2p = P2P(dist.group.WORLD, num_stages=2, device=torch.device("cpu"))
+    p2p = P2P(dist.group.WORLD, num_places=2, device=torch.device("cpu"))
     received, prefetched = [], 0
     for i, (mb, stage, direction, shape, dtype) in enumerate(MESSAGES):
         if rank == 0:

@@ -23,27 +23,46 @@ from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples, tiny_config
 from skipjack.trainer.pipeline import cross_entropy
 
-PP, SEED, SEQ_LEN = 4, 0, 16
+SEED, SEQ_LEN = 0, 16
 CFG = tiny_config(n_layers=4)
-LAYERS = even_partition(CFG.n_layers, PP)  # one block per stage
 MIXED = [[0, 1, 2, 3], [0, 2, 3], [0, 2, 1, 3], [0, 3]]
 SUBNETS = {  # block 1: two heads of different kv groups, a third of the neurons; block 2 skipped
     1: Subnet(torch.tensor([0, 3]), torch.arange(0, 128, 3), head_scale=2.0, neuron_scale=3.0),
     2: Subnet(skip=True),
 }
-# per case, the route of each microbatch and the subnets: full, partial, reordered, all of them
-# in one step, and that step with subnets
+
+
+def within(*routes: list[int]) -> list[list[list[tuple[int, int]]]]:
+    """Routes of one replica's microbatches, given as their stages."""
+    return [[[(0, stage) for stage in route] for route in routes]]
+
+
+# per layout (dp, pp), per case: the hops of every microbatch of every replica, and the subnets
 CASES = {
-    "full": ([[0, 1, 2, 3]] * 2, {}),
-    "partial": ([[0, 2, 3]] * 2, {}),
-    "reordered": ([[0, 2, 1, 3]] * 2, {}),
-    "mixed": (MIXED, {}),
-    "mixed-subnets": (MIXED, SUBNETS),
+    (1, 4): {  # within one replica: full, partial, reordered, all of them, with subnets
+        "full": (within(*[[0, 1, 2, 3]] * 2), {}),
+        "partial": (within(*[[0, 2, 3]] * 2), {}),
+        "reordered": (within(*[[0, 2, 1, 3]] * 2), {}),
+        "mixed": (within(*MIXED), {}),
+        "mixed-subnets": (within(*MIXED), SUBNETS),
+    },
+    (2, 2): {  # each replica's second microbatch ends on the other replica's last stage
+        "across": (
+            [[[(0, 0), (0, 1)], [(0, 0), (1, 1)]], [[(1, 0), (0, 1)], [(1, 0), (1, 1)]]],
+            {},
+        ),
+    },
+    (2, 4): {  # across replicas, stages skipped, stages 1 and 2 swapped; with subnets
+        "across-mixed": (
+            [
+                [[(0, 0), (1, 1), (1, 2), (0, 3)], [(0, 0), (0, 2), (0, 3)]],
+                [[(1, 0), (0, 2), (1, 1), (1, 3)], [(1, 0), (1, 2), (0, 3)]],
+            ],
+            SUBNETS,
+        ),
+        "across-full": ([[[(r, s) for s in range(4)]] * 2 for r in range(2)], {}),
+    },
 }
-
-
-def plan_of(routes: list[list[int]], subnets: dict) -> StepPlan:
-    return StepPlan([[[(0, stage) for stage in route] for route in routes]], subnets)
 
 
 def microbatches(count: int) -> list[MicroBatch]:
@@ -68,41 +87,53 @@ def scale_of(micro) -> torch.Tensor:
     return torch.tensor(float(sum(batch.targets for batch in micro)))
 
 
-def pipelined(cases: dict[str, list[list[int]]]) -> dict[str, tuple[float, dict]]:
-    """On each of PP ranks: per case, the loss and every gradient of one forward-backward."""
-    dims = ParallelDims(dp=1, pp=PP, rank=dist.get_rank()).build_groups()
-    rank, device = dims.pp_rank, torch.device("cpu")
+def pipelined(dp: int, pp: int, cases: dict) -> dict[str, tuple[float, dict]]:
+    """On each of dp x pp ranks: per case, the loss of the global batch and every gradient
+    this rank's chunk got from one forward-backward along the case's plan."""
+    dims = ParallelDims(dp=dp, pp=pp, rank=dist.get_rank()).build_groups()
+    rank, replica, device = dims.pp_rank, dims.dp_rank, torch.device("cpu")
+    layers = even_partition(CFG.n_layers, pp)
     results = {}
     for name, (routes, subnets) in cases.items():
-        stage = Stage(LAYERS[rank], rank == 0, rank == PP - 1)
+        stage = Stage(layers[rank], rank == 0, rank == pp - 1)
         chunk = Llama(CFG, stage).init_weights(SEED, device)
-        p2p = P2P(dims.group("pp"), PP, device)
+        p2p = P2P(dims.group("pipe"), dp * pp, device)
         loss_fn = cross_entropy(chunk.tp, CFG.vocab_size)
-        full = build_schedule("1f1b", PP, len(routes))
-        runtime = PipelineRuntime(full, [chunk], rank, p2p, device, loss_fn)
-        micro = microbatches(len(routes))
-        loss = runtime.run(micro, scale_of(micro), plan=plan_of(routes, subnets))
-        dist.all_reduce(loss, group=dims.group("pp"))  # held by the last stage's rank
+        per_replica = len(routes[0])
+        full = build_schedule("1f1b", pp, per_replica)
+        runtime = PipelineRuntime(
+            full, [chunk], rank, p2p, device, loss_fn, replica=replica, ranks=dims.pipe_ranks()
+        )
+        every_batch = microbatches(dp * per_replica)
+        micro = every_batch[replica * per_replica : (replica + 1) * per_replica]
+        loss = runtime.run(micro, scale_of(every_batch), plan=StepPlan(routes, subnets))
+        dist.all_reduce(loss)  # held by the ranks of the routes' last stages
         grads = {n: p.grad for n, p in chunk.named_parameters() if p.grad is not None}
-        every = [None] * PP
-        dist.all_gather_object(every, grads, group=dims.group("pp"))
-        results[name] = (float(loss), {k: v for g in every for k, v in g.items()})
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, grads)
+        summed: dict[str, torch.Tensor] = {}  # over the replicas of each stage
+        for got in every:
+            for n, g in got.items():
+                summed[n] = summed[n] + g if n in summed else g
+        results[name] = (float(loss), summed)
     return results
 
 
-def single_process(routes: list[list[int]], subnets: dict) -> tuple[float, dict]:
-    """One whole model; each microbatch runs the blocks of its route's stages in route order,
-    each as its subnet says."""
+def single_process(pp: int, routes: list, subnets: dict) -> tuple[float, dict]:
+    """One whole model; each microbatch runs the blocks of its route's stages in route order
+    (whatever replica a hop is on), each as its subnet says."""
+    layers = even_partition(CFG.n_layers, pp)
     model = Llama(CFG).init_weights(SEED)
-    micro = microbatches(len(routes))
+    stage_routes = [[stage for _, stage in hops] for replica in routes for hops in replica]
+    micro = microbatches(len(stage_routes))
     scale = scale_of(micro)
     total = 0.0
-    for batch, route in zip(micro, routes, strict=True):
+    for batch, route in zip(micro, stage_routes, strict=True):
         h = model.tok_embeddings(batch.tokens)
         rope = model.rope if batch.positions is None else model.rope[batch.positions]
         mask = None if batch.documents is None else document_causal_mask(batch.documents)
         for stage in route:
-            for layer in LAYERS[stage]:
+            for layer in layers[stage]:
                 h = model.layers[str(layer)](h, rope, mask, subnets.get(layer))
         logits = F.linear(model.norm(h), model.output_weight())
         labels = batch.labels.flatten()
@@ -113,20 +144,25 @@ def single_process(routes: list[list[int]], subnets: dict) -> tuple[float, dict]
 
 
 @functools.cache
-def runtime_results() -> dict[str, tuple[float, dict]]:
-    return run_ranks(pipelined, PP, CASES)[0]
+def runtime_results(dp: int, pp: int) -> dict[str, tuple[float, dict]]:
+    return run_ranks(pipelined, dp * pp, dp, pp, CASES[(dp, pp)])[0]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_plans_match_single_process_in_route_order(case):
-    routes, subnets = CASES[case]
-    simulate(schedule_from_routes(PP, routes), CostModel.uniform(PP))  # deadlock-free
-    loss, grads = runtime_results()[case]
-    ref_loss, ref_grads = single_process(routes, subnets)
+@pytest.mark.parametrize(
+    "layout,case", [(layout, case) for layout, cases in CASES.items() for case in cases]
+)
+def test_plans_match_single_process_in_route_order(layout, case):
+    dp, pp = layout
+    routes, subnets = CASES[layout][case]
+    places = StepPlan(routes).places(pp)
+    simulate(schedule_from_routes(pp, places, replicas=dp), CostModel.uniform(pp))  # deadlocks
+    loss, grads = runtime_results(dp, pp)[case]
+    ref_loss, ref_grads = single_process(pp, routes, subnets)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
     # what no route visits and a skipped block get no gradient, in both
+    layers = even_partition(CFG.n_layers, pp)
     skipped = {layer for layer, subnet in subnets.items() if subnet.skip}
-    visited = {layer for route in routes for stage in route for layer in LAYERS[stage]} - skipped
+    visited = {layer for p in places for place in p for layer in layers[place % pp]} - skipped
     names = {n for n, _ in Llama(CFG).named_parameters()}
     unvisited = {
         n for n in names if n.split(".")[0] == "layers" and int(n.split(".")[1]) not in visited
@@ -137,9 +173,27 @@ def test_plans_match_single_process_in_route_order(case):
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
 
 
-def test_a_route_that_skips_the_first_or_last_stage_or_leaves_the_replica_is_refused():
+def test_a_route_that_skips_the_first_or_last_stage_or_starts_on_another_replica_is_refused():
     with pytest.raises(ValueError, match="microbatch 1 visits \\[0, 2\\]"):
-        schedule_from_routes(PP, [[0, 1, 2, 3], [0, 2]])
-    plan = StepPlan([[[(0, 0), (1, 1), (0, 2), (0, 3)]], [[(1, s) for s in range(4)]]])
-    with pytest.raises(ValueError, match="replica 0 visits \\(1, 1\\): routes across"):
-        plan.stage_routes(0)
+        schedule_from_routes(4, [[0, 1, 2, 3], [0, 2]])
+    plan = StepPlan([[[(0, s) for s in range(4)]], [[(0, 0), (1, 1), (1, 2), (1, 3)]]])
+    with pytest.raises(ValueError, match="microbatch 0 of replica 1 starts at \\(0, 0\\)"):
+        plan.places(4)
+    with pytest.raises(ValueError, match="visits \\(2, 1\\): there are 2 replica"):
+        StepPlan([[[(0, 0), (2, 1), (0, 3)]], [[(1, 0), (1, 3)]]]).places(4)
+
+
+def test_schedules_from_routes_keep_the_in_flight_limit_and_pair_order():
+    """Routes across two replicas with swaps: at every limit the routes allow, no node holds
+    more microbatches than the limit (simulated), every pair of nodes receives in the order it
+    sends (check), and a limit the routes cannot meet is refused naming a node."""
+    routes = StepPlan(CASES[(2, 4)]["across-mixed"][0]).places(4)
+    routes = routes + [[0, 2, 1, 3], [0, 1, 2, 7], [4, 6, 5, 3]]
+    for limit in (1, 2, 3):
+        schedule = schedule_from_routes(4, routes, replicas=2, in_flight=limit)
+        result = simulate(schedule, CostModel.uniform(4))
+        assert max(result.peak_activations) <= limit
+    bad = schedule_from_routes(4, routes, replicas=2)
+    bad.actions[3] = bad.actions[3][::-1]
+    with pytest.raises(ValueError, match="node"):
+        bad.check()

@@ -37,9 +37,10 @@ def test_transfer_time_delays_the_pipeline():
 
 
 def test_planted_deadlock_is_found_and_explained():
+    # messages in order on both ends, but rank 0 waits for B0 before sending F1
     actions = [
         [Action("F", 0), Action("B", 0), Action("F", 1), Action("B", 1)],
-        [Action("F", 1), Action("B", 1), Action("F", 0), Action("B", 0)],
+        [Action("F", 0), Action("F", 1), Action("B", 0), Action("B", 1)],
     ]
     with pytest.raises(Deadlock, match="rank 0 at B0, rank 1 at F1"):
         simulate(Schedule("planted", 2, 2, actions), CostModel.uniform(2))

@@ -3,9 +3,13 @@
 A `StepPlan` gives, for every microbatch of every data-parallel replica, its route as (replica,
 stage) hops, and for every block the `Subnet` it runs (absent: all of it). The full pipeline
 without subnets is the default plan; SkipPipe's paths and the EST / SAT regimes are other plans.
-The runtime executes a plan: it runs the schedule built from the plan's routes and hands each
-chunk the subnets of its blocks. Routes that cross replicas are not executable yet (the runtime
-says so); within a replica any route from the first to the last stage is.
+The runtime executes a plan: it runs the schedule built from the plan's routes (over every
+replica's nodes when routes cross replicas) and hands each chunk the subnets of its blocks.
+
+A microbatch starts at stage 0 of its own replica (where it was loaded) and ends at the last
+stage of any replica; in between it may visit any stage of any replica, each place once.
+`in_flight` bounds the microbatches a node holds awaiting their backward (None: the runtime's
+choice, see `schedule_from_routes`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ Hop = tuple[int, int]  # (replica, stage)
 class StepPlan:
     routes: list[list[list[Hop]]]  # [replica][microbatch] -> hops
     subnets: Mapping[int, Any] = field(default_factory=dict)  # global block -> models Subnet
+    in_flight: int | None = None
 
     @classmethod
     def full(cls, replicas: int, microbatches: int, stages: int) -> StepPlan:
@@ -32,16 +37,36 @@ class StepPlan:
             ]
         )
 
-    def stage_routes(self, replica: int) -> list[list[int]]:
-        """The stages each microbatch of `replica` visits, in order; raises ValueError for a
-        route that leaves the replica."""
+    def is_full(self, stages: int) -> bool:
+        """Every route the whole pipeline of its own replica."""
+        return all(
+            hops == [(r, s) for s in range(stages)]
+            for r, replica in enumerate(self.routes)
+            for hops in replica
+        )
+
+    def places(self, stages: int) -> list[list[int]]:
+        """The routes of every microbatch, replica-major (microbatch m of replica r is number
+        r x microbatches + m), as places replica x stages + stage (schedule.py); raises
+        ValueError for a route that does not start at stage 0 of its own replica, or names a
+        replica or stage that does not exist."""
+        replicas = len(self.routes)
+        counts = {len(replica) for replica in self.routes}
+        if len(counts) > 1:
+            raise ValueError(f"replicas plan different microbatch counts: {sorted(counts)}")
         routes = []
-        for mb, hops in enumerate(self.routes[replica]):
-            away = [hop for hop in hops if hop[0] != replica]
-            if away:
-                raise ValueError(
-                    f"microbatch {mb} of replica {replica} visits {away[0]}: routes across "
-                    "replicas are not executable yet"
-                )
-            routes.append([stage for _, stage in hops])
+        for r, replica in enumerate(self.routes):
+            for mb, hops in enumerate(replica):
+                if not hops or hops[0] != (r, 0):
+                    raise ValueError(
+                        f"microbatch {mb} of replica {r} starts at {hops[0] if hops else None}: "
+                        f"a route starts at stage 0 of its own replica, ({r}, 0)"
+                    )
+                bad = [h for h in hops if not (0 <= h[0] < replicas and 0 <= h[1] < stages)]
+                if bad:
+                    raise ValueError(
+                        f"microbatch {mb} of replica {r} visits {bad[0]}: there are {replicas} "
+                        f"replica(s) of {stages} stages"
+                    )
+                routes.append([replica_ * stages + stage for replica_, stage in hops])
         return routes

@@ -1,13 +1,14 @@
 """ONE executor that runs any schedule over any routes.
 
-Each pipeline rank holds one model chunk per stage it owns and walks its action list. A forward
-takes its input from the microbatch's tokens (first stage of the route), from the previous stage
-on this rank, or from the pipeline rank that owns the previous stage of the route; the last stage
-of a route computes the loss with the function it was handed (`loss(output, micro-batch)`, the
-micro-batch's summed loss). Every chunk gets the micro-batch's positions and documents (packed
-sequences). A backward retraces the route: it takes the output gradient from
-the next stage of the route and hands its input gradient to the previous one. Activations are
-freed as soon as their backward ran.
+Each pipeline rank holds one model chunk per stage it owns and walks its node's action list. A
+forward takes its input from the microbatch's tokens (first stage of the route), from the
+previous stage on this rank, or from the node that owns the previous place of the route, on this
+replica or another; the last stage of a route computes the loss with the function it was handed
+(`loss(output, micro-batch)`, the micro-batch's summed loss). Every chunk gets the micro-batch's
+positions and documents (packed sequences); a node of another replica than the microbatch's gets
+the micro-batch itself along with the activation. A backward retraces the route: it takes the
+output gradient from the next place of the route and hands its input gradient to the previous
+one. Activations are freed as soon as their backward ran.
 
 Under vocabulary parallelism (`vocab`) the first stage's input comes from the E pass, the last
 stage's output goes to the S pass, the loss and the output gradient come from the R pass, and the
@@ -22,9 +23,16 @@ from collections.abc import Callable
 import torch
 
 from skipjack.batch import MicroBatch
-from skipjack.parallel.pipeline.comm import BACKWARD, FORWARD, P2P
+from skipjack.parallel.pipeline.comm import P2P
 from skipjack.parallel.pipeline.plan import StepPlan
-from skipjack.parallel.pipeline.schedule import Action, Schedule, schedule_from_routes
+from skipjack.parallel.pipeline.schedule import (
+    BACKWARD,
+    BATCH,
+    FORWARD,
+    Action,
+    Schedule,
+    schedule_from_routes,
+)
 from skipjack.parallel.pipeline.vocab import VocabParallel
 
 # the summed loss of a micro-batch from the last stage's output (this rank's logits shard)
@@ -43,13 +51,18 @@ class PipelineRuntime:
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         vocab: VocabParallel | None = None,
         replica: int = 0,
+        ranks: list[list[int]] | None = None,
     ):
         if len(chunks) != schedule.vpp:
             raise ValueError(f"{len(chunks)} model chunks for a schedule with vpp={schedule.vpp}")
         self.schedule = schedule  # the full routes' schedule; `current` is the one running
         self.current = schedule
         self.replica = replica
-        self._routed: tuple[list[list[int]], Schedule] | None = None
+        # the global rank of every (replica, pipeline rank), for routes across replicas
+        self.ranks = ranks if ranks is not None else [list(range(schedule.pp))]
+        self.node = pp_rank  # in `current`
+        self.batches: dict[int, MicroBatch] = {}  # of the step running, by microbatch number
+        self._routed: tuple[tuple, Schedule] | None = None
         self.subnets: dict = {}  # of the plan running: global block -> Subnet
         self.chunks = chunks
         self.rank = pp_rank
@@ -82,29 +95,34 @@ class PipelineRuntime:
         autograd (evaluation)."""
         s = self.current = self._schedule_for(plan)
         self.subnets = plan.subnets if plan is not None else {}
-        if len(micro) != s.microbatches:
-            raise ValueError(f"{len(micro)} microbatches for a schedule of {s.microbatches}")
-        micro = [batch.to(self.device) for batch in micro]
+        if len(micro) * s.replicas != s.microbatches:
+            raise ValueError(
+                f"{len(micro)} microbatches on each of {s.replicas} replica(s) for a schedule "
+                f"of {s.microbatches}"
+            )
+        self.node = self.rank + (self.replica * s.pp if s.replicas > 1 else 0)
+        first = self.replica * len(micro) if s.replicas > 1 else 0
+        self.batches = {first + i: batch.to(self.device) for i, batch in enumerate(micro)}
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         local: dict[tuple[int, int, int], torch.Tensor] = {}  # same-rank handoffs
         loss_sum = torch.zeros((), device=self.device)
         vocab = self.vocab
         with torch.no_grad() if forward_only else contextlib.nullcontext():
-            actions = s.actions[self.rank]
+            actions = s.actions[self.node]
             for i, action in enumerate(actions):
                 kind, mb = action.kind, action.microbatch
                 if kind == "F":
-                    loss_sum += self._forward(action, micro, scale, saved, local)
+                    loss_sum += self._forward(action, scale, saved, local)
                 elif forward_only and kind in ("B", "T", "G"):
                     continue
                 elif kind == "B":
                     self._backward(action, saved, local)
                 elif kind == "E":
                     with self.autocast():
-                        vocab.embed(mb, micro[mb].tokens)
+                        vocab.embed(mb, self.batches[mb].tokens)
                 elif kind == "S":
                     with self.autocast():
-                        vocab.output(mb, micro[mb].labels)
+                        vocab.output(mb, self.batches[mb].labels)
                 elif kind == "R":
                     loss = vocab.reduce(mb, scale)
                     if self.holds_last_stage:
@@ -121,64 +139,82 @@ class PipelineRuntime:
         return loss_sum
 
     def _schedule_for(self, plan: StepPlan | None) -> Schedule:
-        """The schedule of `plan`'s routes on this replica (the full one when they are full)."""
-        if plan is None:
-            return self.schedule
-        routes = plan.stage_routes(self.replica)
-        if routes == self.schedule.routes:
+        """The schedule of `plan`'s routes: the configured one when they are the full pipeline,
+        else one built from them over every replica's nodes (cached while they repeat)."""
+        stages = self.schedule.num_stages
+        if plan is None or plan.is_full(stages):
             return self.schedule
         if self.vocab is not None:
             raise ValueError("vocabulary parallelism runs full routes only; the plan skips stages")
-        if self._routed is None or self._routed[0] != routes:
-            self._routed = (
-                routes,
-                schedule_from_routes(self.schedule.pp, routes, self.schedule.vpp),
+        routes = plan.places(stages)
+        key = (tuple(map(tuple, routes)), len(plan.routes), plan.in_flight)
+        if self._routed is None or self._routed[0] != key:
+            schedule = schedule_from_routes(
+                self.schedule.pp, routes, self.schedule.vpp, len(plan.routes), plan.in_flight
             )
+            self._routed = (key, schedule)
         return self._routed[1]
 
+    def _global(self, node: int) -> int:
+        """The global rank of `node` of the running schedule."""
+        replica, rank = divmod(node, self.current.pp)
+        return self.ranks[replica if self.current.replicas > 1 else self.replica][rank]
+
+    def _foreign(self, node: int, mb: int) -> bool:
+        """Whether `node` belongs to another replica than the one that loaded `mb`."""
+        s = self.current
+        return s.replicas > 1 and node // s.pp != s.routes[mb][0] // s.num_stages
+
     def _route(self, action: Action) -> tuple[list[int], int, int]:
-        stage = self.current.stage(self.rank, action.chunk)
+        place = self.current.place(self.node, action.chunk)
         route = self.current.routes[action.microbatch]
-        return route, route.index(stage), stage
+        return route, route.index(place), place
 
     def _expected(self, action: Action | None, forward_only: bool):
-        """(src rank, mb, stage, direction) of the message `action` will wait for, if remote."""
+        """(src rank, mb, place, direction) of the message `action` will wait for, if remote."""
         if action is None or action.kind not in ("F", "B") or (forward_only and action.kind == "B"):
             return None
-        route, hop, stage = self._route(action)
+        route, hop, place = self._route(action)
         forward = action.kind == "F"
         if (hop == 0) if forward else (hop == len(route) - 1):
             return None
         src = self.current.owner(route[hop - 1] if forward else route[hop + 1])[0]
-        if src == self.rank:
+        if src == self.node:
             return None
-        return (src, action.microbatch, stage, FORWARD if forward else BACKWARD)
+        return (self._global(src), action.microbatch, place, FORWARD if forward else BACKWARD)
 
     def _receive(
-        self, mb: int, from_stage: int, to_stage: int, direction: int, local: dict
+        self, mb: int, from_place: int, to_place: int, direction: int, local: dict
     ) -> torch.Tensor:
-        key = (mb, to_stage, direction)
+        key = (mb, to_place, direction)
         if key in local:
             return local.pop(key)
-        return self.p2p.recv(self.current.owner(from_stage)[0], mb, to_stage, direction)
+        src = self._global(self.current.owner(from_place)[0])
+        tensor = self.p2p.recv(src, mb, to_place, direction)
+        if direction == FORWARD and self._foreign(self.node, mb):
+            self.batches[mb] = MicroBatch.unpack(self.p2p.recv(src, mb, to_place, BATCH))
+        return tensor
 
     def _deliver(
-        self, tensor: torch.Tensor, mb: int, to_stage: int, direction: int, local: dict
+        self, tensor: torch.Tensor, mb: int, to_place: int, direction: int, local: dict
     ) -> None:
-        dst = self.current.owner(to_stage)[0]
-        if dst == self.rank:
-            local[(mb, to_stage, direction)] = tensor
-        else:
-            self.p2p.send(tensor, dst, mb, to_stage, direction)
+        dst = self.current.owner(to_place)[0]
+        if dst == self.node:
+            local[(mb, to_place, direction)] = tensor
+            return
+        self.p2p.send(tensor, self._global(dst), mb, to_place, direction)
+        if direction == FORWARD and self._foreign(dst, mb):
+            self.p2p.send(self.batches[mb].pack(), self._global(dst), mb, to_place, BATCH)
 
-    def _forward(self, action, micro, scale, saved, local) -> torch.Tensor:
-        route, hop, stage = self._route(action)
-        mb, vocab, batch = action.microbatch, self.vocab, micro[action.microbatch]
+    def _forward(self, action, scale, saved, local) -> torch.Tensor:
+        route, hop, place = self._route(action)
+        mb, vocab = action.microbatch, self.vocab
         last = hop == len(route) - 1
         if hop == 0:
-            inputs = batch.tokens if vocab is None else vocab.embedding(mb)
+            inputs = self.batches[mb].tokens if vocab is None else vocab.embedding(mb)
         else:
-            inputs = self._receive(mb, route[hop - 1], stage, FORWARD, local)
+            inputs = self._receive(mb, route[hop - 1], place, FORWARD, local)
+        batch = self.batches[mb]
         if inputs.is_floating_point():
             inputs.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
@@ -191,15 +227,15 @@ class PipelineRuntime:
         elif not last:
             self._deliver(output.detach().float(), mb, route[hop + 1], FORWARD, local)
         if torch.is_grad_enabled():
-            saved[(mb, stage)] = (inputs if inputs.requires_grad else None, output)
+            saved[(mb, place)] = (inputs if inputs.requires_grad else None, output)
         return output.detach() if last and vocab is None else torch.zeros((), device=self.device)
 
     def _backward(self, action, saved, local) -> None:
-        route, hop, stage = self._route(action)
+        route, hop, place = self._route(action)
         mb, vocab = action.microbatch, self.vocab
-        inputs, output = saved.pop((mb, stage))
+        inputs, output = saved.pop((mb, place))
         if hop < len(route) - 1:
-            grad = self._receive(mb, route[hop + 1], stage, BACKWARD, local)
+            grad = self._receive(mb, route[hop + 1], place, BACKWARD, local)
         elif vocab is not None:
             grad = vocab.output_grad(mb)
         else:

@@ -1,11 +1,13 @@
 """Pipeline schedules as data: for every pipeline rank, the ordered list of its actions.
 
-An `Action` is the forward or backward of one microbatch on one model chunk of the rank. A
-`Schedule` holds the per-rank lists, the number of model chunks per rank (vpp) and the routes:
-for each microbatch, the ordered stages it visits (a full pipeline visits every stage in order).
-Stage s lives on rank s % pp as its chunk s // pp (Megatron's interleaved assignment; with vpp=1
-stage s is rank s). Schedules can be checked and simulated without processes (`simulate.py`);
-the runtime executes them.
+An `Action` is the forward or backward of one microbatch on one model chunk of a node. A
+`Schedule` holds the per-node lists, the number of model chunks per node (vpp) and the routes:
+for each microbatch, the ordered places it visits (a full pipeline visits every stage in order).
+Stage s lives on pipeline rank s % pp as its chunk s // pp (Megatron's interleaved assignment;
+with vpp=1 stage s is rank s). A schedule of one replica has one node per pipeline rank and its
+places are its stages; a schedule over `replicas` data-parallel replicas (routes that cross them)
+has node replica x pp + rank and place replica x stages + stage. Schedules can be checked and
+simulated without processes (`simulate.py`); the runtime executes them.
 
 Under vocabulary parallelism (`vocab.py`) every rank also runs five passes per microbatch: E
 (input embedding of its vocabulary shard), S (its logits and softmax statistics), R (the combined
@@ -18,6 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# directions of point-to-point messages: activations, gradients, and the micro-batch itself
+# (sent along with the activation to a node of another replica, which has not loaded it)
+FORWARD, BACKWARD, BATCH = 0, 1, 2
+DIRECTIONS = 3
 VOCAB_PASSES = ("E", "S", "R", "T", "G")
 COLLECTIVE_PASSES = ("E", "S", "R", "G")
 
@@ -37,15 +43,25 @@ class Action:
         return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
 
 
+@dataclass(frozen=True)
+class Message:
+    """An activation (FORWARD) or a gradient (BACKWARD) of `microbatch` for `place`."""
+
+    microbatch: int
+    place: int
+    direction: int
+
+
 @dataclass
 class Schedule:
     name: str
     pp: int
     microbatches: int
-    actions: list[list[Action]]
+    actions: list[list[Action]]  # per node
     vpp: int = 1
-    routes: list[list[int]] = field(default_factory=list)
+    routes: list[list[int]] = field(default_factory=list)  # per microbatch, the places in order
     vocab_passes: bool = False  # the vocabulary passes of every microbatch on every rank
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -55,23 +71,55 @@ class Schedule:
     def num_stages(self) -> int:
         return self.pp * self.vpp
 
-    def owner(self, stage: int) -> tuple[int, int]:
-        """(rank, chunk) holding `stage`."""
-        return stage % self.pp, stage // self.pp
+    @property
+    def nodes(self) -> int:
+        return self.replicas * self.pp
 
-    def stage(self, rank: int, chunk: int) -> int:
-        return chunk * self.pp + rank
+    def owner(self, place: int) -> tuple[int, int]:
+        """(node, chunk) holding `place`."""
+        replica, stage = divmod(place, self.num_stages)
+        return replica * self.pp + stage % self.pp, stage // self.pp
+
+    def place(self, node: int, chunk: int) -> int:
+        """The place `node` holds as its model chunk `chunk` (with one replica: the stage)."""
+        replica, rank = divmod(node, self.pp)
+        return replica * self.num_stages + chunk * self.pp + rank
+
+    def messages(self, node: int) -> list[tuple[int, Message, bool]]:
+        """What `node` sends and receives, in the order its actions do: (peer node, message,
+        True for a send). Forward and backward hand their tensors on where the route goes on;
+        a handoff between two chunks of one node is no message."""
+        out = []
+        for action in self.actions[node]:
+            if action.kind not in ("F", "B"):
+                continue
+            route = self.routes[action.microbatch]
+            place = self.place(node, action.chunk)
+            hop = route.index(place)
+            forward = action.kind == "F"
+            source = hop - 1 if forward else hop + 1
+            target = hop + 1 if forward else hop - 1
+            direction = FORWARD if forward else BACKWARD
+            if 0 <= source < len(route) and self.owner(route[source])[0] != node:
+                out.append((self.owner(route[source])[0], Message(action.microbatch, place, direction), False))
+            if 0 <= target < len(route) and self.owner(route[target])[0] != node:
+                peer = self.owner(route[target])[0]
+                out.append((peer, Message(action.microbatch, route[target], direction), True))
+        return out
 
     def check(self) -> None:
-        """Every microbatch's forward and backward at every stage of its route, once, on the
-        rank that owns the stage. Raises ValueError naming the first problem."""
+        """Every microbatch's forward and backward at every place of its route, once, on the
+        node that owns the place; the collective vocabulary passes in one order on every rank;
+        and on every (sender, receiver) pair the messages received in the order they are sent,
+        since NCCL matches point-to-point messages by order, not by tag. Raises ValueError
+        naming the first problem."""
         expected = set()
         for mb, route in enumerate(self.routes):
-            for stage in route:
-                rank, chunk = self.owner(stage)
-                expected |= {(rank, Action("F", mb, chunk)), (rank, Action("B", mb, chunk))}
+            for place in route:
+                node, chunk = self.owner(place)
+                expected |= {(node, Action("F", mb, chunk)), (node, Action("B", mb, chunk))}
             if self.vocab_passes:
-                expected |= {(r, Action(k, mb)) for r in range(self.pp) for k in VOCAB_PASSES}
+                expected |= {(r, Action(k, mb)) for r in range(self.nodes) for k in VOCAB_PASSES}
         seen = set()
         for rank, actions in enumerate(self.actions):
             for action in actions:
@@ -94,6 +142,25 @@ class Schedule:
                 raise ValueError(
                     f"{self.name}: collective vocabulary passes out of order: rank {rank} runs "
                     f"{order[first]} where rank 0 runs {orders[0][first]}"
+                )
+        sent: dict[tuple[int, int], list[Message]] = {}
+        received: dict[tuple[int, int], list[Message]] = {}
+        for node in range(self.nodes):
+            for peer, message, send in self.messages(node):
+                pair = (node, peer) if send else (peer, node)
+                (sent if send else received).setdefault(pair, []).append(message)
+        for pair in sorted(sent.keys() | received.keys()):
+            out, into = sent.get(pair, []), received.get(pair, [])
+            if out != into:
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(out, into, strict=False)) if a != b),
+                    min(len(out), len(into)),
+                )
+                raise ValueError(
+                    f"{self.name}: node {pair[0]} sends node {pair[1]} "
+                    f"{out[first] if first < len(out) else 'nothing more'} where it receives "
+                    f"{into[first] if first < len(into) else 'nothing more'}: messages between "
+                    "two nodes must be received in the order they are sent"
                 )
 
 
@@ -150,28 +217,126 @@ def interleaved_1f1b(pp: int, microbatches: int, vpp: int, extra_warmup: int = 0
     return Schedule("interleaved_1f1b", pp, microbatches, actions, vpp=vpp)
 
 
-def schedule_from_routes(pp: int, routes: list[list[int]], vpp: int = 1) -> Schedule:
-    """A schedule for any routes within one replica (partial: some stages skipped; reordered:
-    stages out of order; every microbatch its own): each rank runs the forwards of the hops it
-    owns in (microbatch, hop) order, then their backwards in (microbatch, reversed hop) order,
-    GPipe-style. A rank then sends to and receives from each neighbour in the same order on
-    both ends, and no rank waits on one that waits on it (checked by the simulator in the
-    tests). Routes must start at stage 0 and end at the last stage (embedding and loss)."""
-    last = pp * vpp - 1
+def schedule_from_routes(
+    pp: int,
+    routes: list[list[int]],
+    vpp: int = 1,
+    replicas: int = 1,
+    in_flight: int | None = None,
+) -> Schedule:
+    """A schedule for any routes (partial: stages skipped; reordered: stages out of order;
+    across replicas: hops on other replicas' nodes; every microbatch its own), as places (see
+    the module docstring). Every route starts at stage 0 of a replica and ends at the last stage
+    of one (embedding and loss).
+
+    Built by running the routes: in rounds, every node takes one action whose input has arrived,
+    a backward before a forward, the oldest microbatch first, and no forward while it holds
+    `in_flight` microbatches awaiting their backward. A node takes a message's consumer only when
+    that message is the oldest one unconsumed from its sender, so every pair of nodes receives in
+    the order it sends (NCCL needs that), and the order the run found is one the ranks can follow:
+    deadlock-free by construction, checked, and simulated in the tests. Without `in_flight` the
+    limit starts at the number of stages and doubles until the routes fit; with one that the
+    routes cannot meet, ValueError names the node."""
+    stages = pp * vpp
     for mb, route in enumerate(routes):
-        if not route or route[0] != 0 or route[-1] != last or len(set(route)) != len(route):
+        if (
+            not route
+            or route[0] % stages != 0
+            or route[-1] % stages != stages - 1
+            or len(set(route)) != len(route)
+            or not all(0 <= place < replicas * stages for place in route)
+        ):
             raise ValueError(
                 f"microbatch {mb} visits {route}: a route starts at stage 0, ends at stage "
-                f"{last} and visits no stage twice"
+                f"{stages - 1} and visits no place twice (places: replica x {stages} + stage, "
+                f"{replicas} replica(s))"
             )
-    actions: list[list[Action]] = [[] for _ in range(pp)]
-    for kind in "FB":
-        for mb, route in enumerate(routes):
-            for stage in route if kind == "F" else route[::-1]:
-                actions[stage % pp].append(Action(kind, mb, stage // pp))
-    schedule = Schedule("routes", pp, len(routes), actions, vpp=vpp, routes=routes)
+    shape = Schedule("routes", pp, len(routes), [], vpp=vpp, routes=routes, replicas=replicas)
+    limit = in_flight or stages
+    while True:
+        actions, stuck = _run_routes(shape, limit)
+        if actions is not None:
+            break
+        if in_flight is not None or limit >= len(routes):
+            raise ValueError(
+                f"the routes need more than {limit} microbatches in flight at node {stuck}; "
+                "raise the in-flight limit or change the routes"
+            )
+        limit *= 2
+    schedule = Schedule(
+        "routes", pp, len(routes), actions, vpp=vpp, routes=routes, replicas=replicas
+    )
     schedule.check()
     return schedule
+
+
+def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None, int]:
+    """The action lists of `schedule_from_routes` under an in-flight limit, or (None, a node
+    that cannot go on)."""
+    routes, nodes = shape.routes, shape.nodes
+    owner = [[shape.owner(place) for place in route] for route in routes]
+    actions: list[list[Action]] = [[] for _ in range(nodes)]
+    ready: list[set[tuple[int, int, int]]] = [set() for _ in range(nodes)]  # (B first, mb, hop)
+    queues: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # pair -> consumers, in order
+    heads: dict[tuple[int, int], int] = {}
+    held = [0] * nodes
+    remaining = 2 * sum(len(route) for route in routes)
+    for mb in range(len(routes)):
+        ready[owner[mb][0][0]].add((1, mb, 0))
+
+    def source(key: tuple[int, int, int]) -> int | None:
+        """The node that sends `key`'s input, if another node does."""
+        backward, mb, hop = key[0] == 0, key[1], key[2]
+        previous = hop + 1 if backward else hop - 1
+        if not 0 <= previous < len(routes[mb]) or (backward and hop == len(routes[mb]) - 1):
+            return None
+        node = owner[mb][hop][0]
+        return owner[mb][previous][0] if owner[mb][previous][0] != node else None
+
+    while remaining:
+        arrivals, acted = [], False
+        for node in range(nodes):
+            choice = None
+            for key in sorted(ready[node]):
+                if key[0] == 1 and held[node] >= limit:
+                    break
+                src = source(key)
+                if src is not None:
+                    pair = (src, node)
+                    if queues[pair][heads[pair]] != key:
+                        continue
+                choice = key
+                break
+            if choice is None:
+                continue
+            ready[node].remove(choice)
+            acted = True
+            src = source(choice)
+            if src is not None:
+                heads[(src, node)] += 1
+            backward, mb, hop = choice[0] == 0, choice[1], choice[2]
+            actions[node].append(Action("B" if backward else "F", mb, owner[mb][hop][1]))
+            held[node] += -1 if backward else 1
+            remaining -= 1
+            last = len(routes[mb]) - 1
+            if backward:
+                follow = (0, mb, hop - 1) if hop > 0 else None
+                dst = owner[mb][hop - 1][0] if hop > 0 else node
+            elif hop < last:
+                follow, dst = (1, mb, hop + 1), owner[mb][hop + 1][0]
+            else:
+                follow, dst = (0, mb, hop), node
+            if follow is not None:
+                arrivals.append((node, dst, follow))
+        if not acted:
+            full = [n for n in range(nodes) if held[n] >= limit]
+            return None, full[0] if full else 0
+        for src, dst, key in arrivals:  # visible from the next round on
+            ready[dst].add(key)
+            if src != dst:
+                queues.setdefault((src, dst), []).append(key)
+                heads.setdefault((src, dst), 0)
+    return actions, -1
 
 
 def build_schedule(

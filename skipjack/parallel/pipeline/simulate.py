@@ -1,10 +1,10 @@
 """Run a schedule on a cost model, without processes: makespan, bubble, peak activations, and
 deadlocks.
 
-Each rank executes its actions in order; an action starts when its rank is free and its inputs
-have arrived: a forward needs the forward of the previous stage on its microbatch's route, a
-backward the backward of the next stage (and its own forward). Transfers between ranks take the
-link's time. Vocabulary passes (`vocab.py`) start collectives without waiting for the other
+Each rank (node, when routes cross replicas) executes its actions in order; an action starts
+when its rank is free and its inputs have arrived: a forward needs the forward of the previous
+place on its microbatch's route, a backward the backward of the next place (and its own
+forward). Transfers between ranks take the link's time; costs are per stage (a place's stage). Vocabulary passes (`vocab.py`) start collectives without waiting for the other
 ranks; what needs a collective's result waits until every rank has run the pass: the first
 stage's forward waits for E, R for S, and the last stage's backward for R; S waits for the last
 stage's forward (whose output it receives) and G for the first stage's backward. If no rank can
@@ -68,7 +68,7 @@ def simulate(schedule: Schedule, cost: CostModel, partial: bool = False) -> Simu
     if not partial:
         schedule.check()
     placed = {(a.kind, a.microbatch) for actions in schedule.actions for a in actions}
-    pp = schedule.pp
+    pp = schedule.nodes
     position = [0] * pp
     clock = [0.0] * pp
     busy = [0.0] * pp
@@ -96,7 +96,7 @@ def simulate(schedule: Schedule, cost: CostModel, partial: bool = False) -> Simu
                 "G": [(mb, "B", route[0])],
             }.get(action.kind, [])
             return after(*needs)
-        stage = schedule.stage(rank, action.chunk)
+        stage = schedule.place(rank, action.chunk)
         hop = route.index(stage)
         if action.kind == "F":
             if hop == 0:
@@ -135,8 +135,8 @@ def simulate(schedule: Schedule, cost: CostModel, partial: bool = False) -> Simu
             raise Deadlock(f"{schedule.name}: deadlock, every rank waits: {waiting}")
         start, rank, action = min(candidates, key=lambda c: (c[0], c[1]))
         vocab = action.kind in VOCAB_PASSES
-        stage = -1 if vocab else schedule.stage(rank, action.chunk)
-        seconds = cost.seconds(action, stage)
+        stage = -1 if vocab else schedule.place(rank, action.chunk)
+        seconds = cost.seconds(action, stage % schedule.num_stages)
         starts[rank].append(start)
         clock[rank] = start + seconds
         busy[rank] += seconds
