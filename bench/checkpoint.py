@@ -33,9 +33,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from skipjack.atomic import replacing
-from skipjack.checkpoint.manager import CheckpointManager, step_dir
+from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.marker import file_digest
-from skipjack.checkpoint.sharded import full_state, load
+from skipjack.checkpoint.persistent import step_dir
+from skipjack.checkpoint.sharded import flatten, load
 from skipjack.config import CheckpointConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.data.loader import ShardedLoader
 from skipjack.launch.env import init_distributed
@@ -43,6 +44,7 @@ from skipjack.models.llama import num_parameters, preset
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing.reference import SyntheticSamples
 from skipjack.trainer.engine import NativeEngine
+from skipjack.trainer.trainer import training_state
 
 
 def directory_bytes(path: Path) -> int:
@@ -101,15 +103,19 @@ def main() -> None:
     update()  # the optimizer state exists from here on
     step_seconds = backward()
     update()
-    state = lambda: full_state(training, dims, {"step": 0, "tokens": 0}, loader.state_dict())  # noqa: E731
+    parts = training_state(training, loader)
+
+    def state() -> dict:
+        return flatten({part: s.state_dict() for part, s in parts.items()})
+
     rows = {}
 
     # skipjack: asynchronous, sharded
-    manager = CheckpointManager(job.checkpoint, cfg, dims, lead=True)
+    manager = CheckpointManager.for_job(job.checkpoint, cfg, dims, lead=True)
     blocked, written = [], []
     for i in range(args.saves):
         start = time.perf_counter()
-        manager.save(i + 1, training, {"step": i + 1, "tokens": 0}, loader.state_dict())
+        manager.save(i + 1, parts)
         call = time.perf_counter() - start
         backward()  # the next step's forward and backward
         wait_start = time.perf_counter()
@@ -122,7 +128,7 @@ def main() -> None:
     last = step_dir(root / "skipjack", args.saves)
     size = directory_bytes(last)
     start = time.perf_counter()
-    load(training, dims, str(last), group)
+    load(parts, str(last), group)
     rows["skipjack async"] = (blocked, written, time.perf_counter() - start, size)
 
     # torch.save of the gathered state dict

@@ -1,187 +1,104 @@
-"""Checkpoint policy: when to save, where, which directories are complete, what to resume from.
+"""Checkpoint policy over an ordered list of tiers: when each saves, and which one a run resumes
+from.
 
-`<checkpoint.dir>/step-0000120/` holds one checkpoint: DCP's files and, written last, the marker
-`checkpoint.json` (step, layout, and the size and checksum of every file; checkpoint/marker.py).
-A directory without the marker is never loaded, so a crash in the middle of a save leaves the
-previous checkpoints as they were; a save into a step's directory first removes what an
-interrupted save left there. At most one save is in flight: the next one waits for it. Once the
-files are written, every rank hashes its own files in its background thread, rank 0 gathers the
-digests, checks that every file the metadata names is there, writes the marker and keeps the
-newest `keep_last` complete checkpoints.
-
-Resume (`checkpoint.resume`): `none`; `auto`, the newest complete checkpoint under
-`checkpoint.dir` (a run without one starts fresh); or a path, either a run directory (its
-`checkpoints/`, or itself, holds `step-*`) or one `step-*` directory. Every rank verifies its
-share of the checksums; under `auto` a checkpoint that fails falls back to the previous one with
-a warning, an explicit path fails with an error naming the file.
+A tier keeps training states (checkpoint/state.py) somewhere: `save(step, state)` starts a save,
+`newest()` says (collectively: every rank gets the same answer) which step it can restore,
+`load(state)` fills the state from it, `before_update()` blocks until a save in flight holds its
+own copy, `wait()` until it is complete. The persistent tier (checkpoint/persistent.py, sharded
+DCP checkpoints on a shared file system) is the last resort; faster tiers (memory snapshots) come
+before it. Resuming takes the first tier that holds a complete state and restores it on every
+rank; a tier whose restore fails on any rank is skipped with a warning naming it, and the next
+one is tried.
 """
 
 from __future__ import annotations
 
-import shutil
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from typing import Protocol
 
 import torch.distributed as dist
 
-from skipjack.checkpoint.marker import (
-    complete_checkpoints,
-    digests,
-    own_files,
-    verify,
-    write_marker,
-)
-from skipjack.checkpoint.sharded import CheckpointError, Saving, full_state, load, save_async
+from skipjack.checkpoint.persistent import PersistentTier
+from skipjack.checkpoint.sharded import CheckpointError
+from skipjack.checkpoint.state import State
 from skipjack.config import CheckpointConfig, ModelConfig
 from skipjack.parallel.dims import ParallelDims
 
 
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:07d}"
+class Tier(Protocol):
+    name: str
 
-
-def _candidates(resume: str, root: Path) -> tuple[list[Path], bool]:
-    """Directories to try, newest first, and whether a failure may fall back to the next."""
-    if resume == "none":
-        return [], False
-    if resume == "auto":
-        return complete_checkpoints(root)[::-1], True
-    path = Path(resume).expanduser()
-    if path.name.startswith("step-"):
-        return [path], False
-    found = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
-    if not found:
-        raise CheckpointError(
-            f"checkpoint.resume={resume}: no complete step-* checkpoint in {path} or "
-            f"{path / 'checkpoints'}"
-        )
-    return found[::-1], True
+    def due(self, step: int) -> bool: ...
+    def save(self, step: int, state: State) -> None: ...
+    def newest(self) -> int | None: ...
+    def where(self) -> str: ...
+    def load(self, state: State) -> None: ...
+    def before_update(self) -> None: ...
+    def wait(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, model: ModelConfig, dims: ParallelDims, lead: bool):
-        self.cfg = cfg
-        self.model = model
-        self.root = Path(cfg.dir).expanduser()
-        self.dims = dims
-        self.lead = lead
-        self.group = dims.group("checkpoint")
-        self.layout = {"dp": dims.dp, "pp": dims.pp, "tp": dims.tp}
-        self._pending: tuple[Saving, Future] | None = None
-        self.restored_from: Path | None = None
-        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="skipjack-ckpt")
+    def __init__(self, tiers: list[Tier], group: dist.ProcessGroup, lead: bool):
+        self.tiers, self.group, self.lead = tiers, group, lead
+        self.restored_from: str | None = None  # "<tier> <where>" of the restored state
 
-    # -- resume ----------------------------------------------------------------------------
+    @classmethod
+    def for_job(
+        cls, cfg: CheckpointConfig, model: ModelConfig, dims: ParallelDims, lead: bool
+    ) -> CheckpointManager:
+        """The tiers `cfg` configures: the persistent one."""
+        return cls([PersistentTier(cfg, model, dims, lead)], dims.group("checkpoint"), lead)
 
-    def find(self) -> Path | None:
-        """The checkpoint to resume from: rank 0 lists the candidates, every rank verifies its
-        share of each, and the first that passes on all ranks is chosen (on all ranks)."""
-        listed: list = [None]
-        if self.lead:
-            try:
-                listed[0] = _candidates(self.cfg.resume, self.root)
-            except CheckpointError as e:
-                listed[0] = e
-        dist.broadcast_object_list(listed, group=self.group, group_src=0)
-        if isinstance(listed[0], CheckpointError):
-            raise listed[0]
-        candidates, fallback = listed[0]
-        for directory in candidates:
-            problem = self._verify_on_every_rank(directory)
+    def due(self, step: int) -> bool:
+        return any(tier.due(step) for tier in self.tiers)
+
+    def save(self, step: int, state: State) -> None:
+        """Start the saves of `step` that are due (collective); call `before_update` before
+        changing any parameter or optimizer state."""
+        for tier in self.tiers:
+            if tier.due(step):
+                tier.save(step, state)
+
+    def restore(self, state: State) -> int | None:
+        """Fill `state` from the first tier holding a complete one; returns its step, or None
+        (a fresh start) when no tier holds one. Raises CheckpointError when tiers held one but
+        none could restore it (the state may be half filled)."""
+        failed = []
+        for tier in self.tiers:
+            step = tier.newest()
+            if step is None:
+                continue
+            problem = self._everywhere(tier, state)
             if problem is None:
-                return directory
-            if not fallback:
-                raise CheckpointError(problem)
+                self.restored_from = f"{tier.name} {tier.where()}"
+                return step
+            failed.append(f"step {step} from the {tier.name} tier ({problem})")
             if self.lead:
-                warnings.warn(f"skipjack: skipping checkpoint: {problem}", stacklevel=2)
-        if candidates:
-            raise CheckpointError(f"no intact checkpoint among {[str(c) for c in candidates]}")
+                warnings.warn(f"skipjack: cannot restore {failed[-1]}", stacklevel=2)
+        if failed:
+            raise CheckpointError(f"no tier could restore its state: {'; '.join(failed)}")
         return None
 
-    def _verify_on_every_rank(self, directory: Path) -> str | None:
-        """The first problem any rank finds in its share of `directory`'s files, or None."""
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+    def _everywhere(self, tier: Tier, state: State) -> str | None:
+        """Restore from `tier` on every rank; the first problem any rank had, or None."""
         try:
-            verify(directory, rank, world)
+            tier.load(state)
             problem = None
-        except CheckpointError as e:
-            problem = str(e)
-        problems: list = [None] * world
+        except (CheckpointError, RuntimeError, KeyError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        problems: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(problems, problem, group=self.group)
         return next((p for p in problems if p is not None), None)
 
-    def restore(self, training, loader) -> dict | None:
-        """Load the checkpoint to resume from into `training` and the data position into
-        `loader`; returns its trainer values ({step, tokens}), or None for a fresh start."""
-        directory = self.find()
-        if directory is None:
-            return None
-        self.restored_from = directory
-        state = load(training, self.dims, str(directory), self.group)
-        loader.load_state_dict(state["loader"])
-        return {key: int(value) for key, value in state["trainer"].items()}
-
-    # -- save ------------------------------------------------------------------------------
-
-    def due(self, step: int) -> bool:
-        return self.cfg.interval > 0 and step % self.cfg.interval == 0
-
-    def save(self, step: int, training, trainer: dict, loader: dict) -> None:
-        """Start saving this rank's state of `step` (a collective); returns once the save is
-        under way. Call `before_update` before changing any parameter or optimizer state."""
-        self.wait()
-        directory = step_dir(self.root, step)
-        if self.lead:
-            if directory.exists():
-                shutil.rmtree(directory)  # what an interrupted save of this step left
-            directory.mkdir(parents=True)
-        dist.barrier(group=self.group)
-        state = full_state(training, self.dims, trainer, loader)
-        saving = save_async(state, str(directory), self.group)
-        self._pending = (saving, self._finisher.submit(self._finish, saving, directory, step))
-
-    def _finish(self, saving: Saving, directory: Path, step: int) -> None:
-        """This rank's background work once the files are written: hash the files it wrote;
-        rank 0 gathers the digests, writes the marker (only if every file the metadata names is
-        there) and prunes; every rank learns whether that worked."""
-        saving.written.result()  # completes on every rank after all files and .metadata exist
-        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        mine = digests(directory, own_files(directory, rank, world))
-        gathered: list | None = [None] * world if self.lead else None
-        dist.gather_object(mine, gathered, group=self.group, group_dst=0)
-        outcome: list = [None]
-        if self.lead:
-            try:
-                files = {name: d for part in gathered for name, d in part.items()}
-                write_marker(directory, step, self.layout, self.model, files)
-                self._prune()
-            except Exception as e:  # any failure must reach every rank, not leave them waiting
-                outcome[0] = e if isinstance(e, CheckpointError) else CheckpointError(repr(e))
-        dist.broadcast_object_list(outcome, group=self.group, group_src=0)
-        if outcome[0] is not None:
-            raise outcome[0]
-
-    def _prune(self) -> None:
-        complete = complete_checkpoints(self.root)
-        for old in complete[: max(0, len(complete) - self.cfg.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-
     def before_update(self) -> None:
-        """Block until the save in flight holds its own copy of the tensors."""
-        if self._pending is not None:
-            self._pending[0].wait_staged()
+        for tier in self.tiers:
+            tier.before_update()
 
     def wait(self) -> None:
-        """Block until the save in flight is written and marked complete; raises the
-        CheckpointError of a save that could not be completed."""
-        if self._pending is None:
-            return
-        saving, finished = self._pending
-        self._pending = None
-        saving.written.result()
-        finished.result()
+        for tier in self.tiers:
+            tier.wait()
 
     def close(self) -> None:
-        self.wait()
-        self._finisher.shutdown()
+        for tier in self.tiers:
+            tier.close()

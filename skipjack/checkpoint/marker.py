@@ -93,6 +93,11 @@ def marked_model(directory: Path) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def marked_step(directory: Path) -> int:
+    """The step a complete checkpoint holds (from its marker)."""
+    return int(json.loads((directory / MARKER).read_text())["step"])
+
+
 def verify(directory: Path, rank: int = 0, world: int = 1) -> int:
     """The step of a complete, intact checkpoint; raises CheckpointError naming the problem.
     With `world` > 1, this rank checksums only every world-th file (the others check the

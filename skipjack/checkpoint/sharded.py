@@ -1,18 +1,13 @@
-"""The persistent tier: a torch.distributed.checkpoint (DCP) state for any layout.
+"""The persistent tier's format: a torch.distributed.checkpoint (DCP) state for any layout.
 
-A checkpoint's state dict, by key:
-
-- `model/<name>`: every parameter under its global name (`layers.3.attention.wq.weight`, the same
-  in every layout). A sharded parameter is a DTensor over the 1-D device mesh of its shard spec's
-  group (`tp`, or `vocab` = the pp x tp ranks of a replica) with the model's true global shape
-  (vocabulary padding cut off), so each rank writes only its own rows, described by their global
-  offsets, and a rank of any other layout reads exactly the rows it holds. Replicated tensors are
-  written once.
-- `optim/<name>/<key>`: the optimizer state of that parameter. A tensor shaped like the parameter
-  is sharded like it; an optimizer with `state_shard_dim(param, key)` (GaLore) names the dimension
-  of each state tensor that is split like the parameter (its moments or its rows of the basis);
-  the rest is replicated (Adam's step count, a basis every rank holds whole).
-- `lr_schedule`, `trainer` (step, tokens), `loader` (samples consumed, global), `rng`: plain values.
+A checkpoint holds the parts of a training state (checkpoint/state.py), one key per entry of a
+part's state dict: `model/<name>` for every parameter under its global name, `optim/<name>/<key>`
+for its optimizer state, `lr_schedule/<key>`, `trainer/step`, `trainer/tokens`,
+`loader/consumed_samples`, `rng/cpu`. A sharded tensor is a DTensor over the 1-D device mesh of
+its shard spec's group (`tp`, or `vocab` = the pp x tp ranks of a replica) with its true global
+shape (vocabulary padding cut off), so each rank writes only its own rows, described by their
+global offsets, and a rank of any other layout reads exactly the rows it holds. Replicated
+tensors are written once.
 
 Saving wraps the live tensors (no copy); DCP's stager copies them before anything is written, and
 the caller must not change them until that copy is done (`Saving.wait_staged`). Loading builds the
@@ -33,14 +28,14 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.tensor import DTensor, Shard
 
 from skipjack.parallel.dims import ParallelDims
-from skipjack.parallel.shard_spec import ShardSpec, spec_of, sum_over_replicas
+from skipjack.parallel.shard_spec import ShardSpec, spec_of
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: names the file or parameter and what to do."""
 
 
-def _global(local: torch.Tensor, spec: ShardSpec, dims: ParallelDims):
+def as_global(local: torch.Tensor, spec: ShardSpec, dims: ParallelDims):
     """`local` (this rank's shard, padding included) as a view of the global tensor of the real
     values (`spec.unpadded_shape`).
 
@@ -65,76 +60,9 @@ def _global(local: torch.Tensor, spec: ShardSpec, dims: ParallelDims):
     return DTensor.from_local(real, mesh, [Shard(spec.dim)], shape=torch.Size(shape), stride=stride)
 
 
-def _parameters(training) -> list[tuple[str, torch.nn.Parameter]]:
-    """(global name, parameter) of every module this rank trains (stage chunks, vocab shards)."""
-    return [(name, p) for module in training.model for name, p in module.named_parameters()]
-
-
-def model_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
-    return {
-        f"model/{name}": _global(p.detach(), spec_of(p), dims) for name, p in _parameters(training)
-    }
-
-
-def _state_shard_dim(optimizer, p: torch.nn.Parameter, key: str, value) -> int | None:
-    """The dimension of optimizer state `value` that runs along `p`'s split dimension and is
-    split like it over its shard group (None: the same on every rank of it). The optimizer says
-    so (GaLore's bases and moments); otherwise a tensor shaped like the parameter is split like
-    it."""
-    if hasattr(optimizer, "state_shard_dim"):
-        return optimizer.state_shard_dim(p, key)
-    spec = spec_of(p)
-    return spec.dim if spec.sharded and value.shape == p.shape else None
-
-
-def _optimizer_state(training, dims: ParallelDims) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, p in _parameters(training):
-        spec = spec_of(p)
-        for key, value in training.optimizer.state.get(p, {}).items():
-            dim = None
-            if isinstance(value, torch.Tensor):
-                dim = _state_shard_dim(training.optimizer, p, key, value)
-            if dim is not None:
-                # along `dim` the state runs along the parameter's split dimension: its global
-                # size is the parameter's true one (vocabulary padding dropped)
-                padded, shape = list(value.shape), list(value.shape)
-                padded[dim] *= spec.num_shards
-                shape[dim] = spec.unpadded_shape[spec.dim]
-                value_spec = ShardSpec(
-                    tuple(padded), dim, spec.group, spec.num_shards, spec.index,
-                    replicas=spec.replicas, true_shape=tuple(shape),
-                )  # fmt: skip
-                value = _global(value, value_spec, dims)
-            state[f"optim/{name}/{key}"] = value
-    return state
-
-
-def materialise_optimizer_state(training) -> None:
-    """Give every parameter its optimizer state (a step with zero gradients and zero learning
-    rate, which changes no weight), so that a load has tensors to fill in place."""
-    optimizer = training.optimizer
-    if all(p in optimizer.state for _, p in _parameters(training)):
-        return
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for _, p in _parameters(training):
-        p.grad = torch.zeros_like(p)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-
-
-def full_state(training, dims: ParallelDims, trainer: dict, loader: dict) -> dict:
-    """Everything a checkpoint holds, as views of this rank's live tensors."""
-    state = {**model_state(training, dims), **_optimizer_state(training, dims)}
-    state["lr_schedule"] = training.schedule.state_dict()
-    state["trainer"] = dict(trainer)
-    state["loader"] = dict(loader)
-    state["rng"] = torch.get_rng_state()
-    return state
+def flatten(parts: dict[str, dict]) -> dict:
+    """The DCP state dict of the state dicts of a training state's parts: `<part>/<key>`."""
+    return {f"{part}/{key}": value for part, d in parts.items() for key, value in d.items()}
 
 
 @dataclass
@@ -156,10 +84,6 @@ def save_async(state: dict, directory: str, group: dist.ProcessGroup) -> Saving:
         state, checkpoint_id=directory, process_group=group, async_stager=stager
     )
     return Saving(response.staging_completion, response.upload_completion)
-
-
-def save(state: dict, directory: str, group: dist.ProcessGroup) -> None:
-    dcp.save(state, checkpoint_id=directory, process_group=group)
 
 
 def data_files(directory: str) -> list[str]:
@@ -216,52 +140,28 @@ def _check_shapes(
             )
 
 
-def load(training, dims: ParallelDims, directory: str, group: dist.ProcessGroup) -> dict:
-    """Fill this rank's parameters, optimizer and LR schedule from `directory`; returns the
-    trainer, loader and rng values."""
-    check_model(directory, _expected_shapes(training))
+def load(state: dict, directory: str, group: dist.ProcessGroup) -> None:
+    """Fill the parts of `state` (checkpoint/state.py) from the checkpoint in `directory`, in
+    place, in this run's layout."""
     metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     if not any(key.startswith("trainer") for key in metadata):
         raise CheckpointError(
             f"{directory}: holds weights only (an import); start from it with "
             f"model.init_from={directory} instead of resuming"
         )
-    materialise_optimizer_state(training)
-    state = full_state(training, dims, {"step": 0, "tokens": 0}, {"consumed_samples": 0})
-    dcp.load(state, checkpoint_id=directory, process_group=group)
-    join_replicas(training, dims, optimizer=True)
-    training.schedule.load_state_dict(state["lr_schedule"])
-    for group, lr in zip(
-        training.optimizer.param_groups, training.schedule.get_last_lr(), strict=True
-    ):
-        group["lr"] = lr  # the schedule's state does not reach the optimizer until its next step
-    torch.set_rng_state(state["rng"])
-    return {"trainer": state["trainer"], "loader": state["loader"]}
-
-
-def join_replicas(training, dims: ParallelDims, optimizer: bool) -> None:
-    """After a load, give every replica of a shard the whole shard: each read only its part
-    (see `_global`) of the parameter and, with `optimizer`, of its state shaped like it."""
-    for _, p in _parameters(training):
-        spec = spec_of(p)
-        if not (spec.sharded and spec.replicas > 1):
-            continue
-        state = training.optimizer.state.get(p, {}) if optimizer else {}
-        tensors = [p.data] + [
-            v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape
-        ]
-        group = dims.group(spec.group)
-        start, size = spec.replica_part(dist.get_rank(group))
-        for tensor in tensors:
-            mine = tensor.narrow(spec.dim, start, size).clone()
-            tensor.zero_()
-            tensor.narrow(spec.dim, start, size).copy_(mine)
-            sum_over_replicas(tensor, spec, group)
-
-
-def _expected_shapes(training) -> dict[str, tuple[int, ...]]:
-    """The global shape a checkpoint holds of every parameter this rank trains."""
-    return {name: spec_of(p).unpadded_shape for name, p in _parameters(training)}
+    if "trainer/step" not in metadata:
+        raise CheckpointError(
+            f"{directory}: written by skipjack before 2026-12-02 in an older layout of the "
+            f"training state; resume it with that version, or start from its weights with "
+            f"model.init_from={directory}"
+        )
+    parts = {part: s.state_dict() for part, s in state.items()}
+    if "model" in parts:
+        check_model(directory, {name: tuple(t.shape) for name, t in parts["model"].items()})
+    flat = flatten(parts)
+    dcp.load(flat, checkpoint_id=directory, process_group=group)
+    for part, d in parts.items():
+        state[part].load_state_dict({key: flat[f"{part}/{key}"] for key in d})
 
 
 def check_hf(checkpoint, expected: dict[str, tuple[int, ...]]) -> None:
@@ -271,23 +171,26 @@ def check_hf(checkpoint, expected: dict[str, tuple[int, ...]]) -> None:
     _check_shapes(str(checkpoint.path), saved, expected)
 
 
-def load_model(training, dims: ParallelDims, source: str, group: dist.ProcessGroup) -> None:
-    """Only the weights (no optimizer, schedule or position) from a Hugging Face directory or a
-    skipjack step directory: how post-training starts (`model.init_from`). Either way each rank
-    reads only the parts of the weights it holds."""
+def load_model(state: dict, model_config, source: str, group: dist.ProcessGroup) -> None:
+    """Only the weights (the `model` part of `state`, checkpoint/state.py; no optimizer,
+    schedule or position) from a Hugging Face directory or a skipjack step directory: how
+    post-training starts (`model.init_from`). Either way each rank reads only the parts of the
+    weights it holds."""
     from skipjack.checkpoint import hf
 
-    params, expected = _parameters(training), _expected_shapes(training)
+    model = state["model"]
+    expected = {name: spec_of(p).unpadded_shape for name, p in model.params}
     if hf.is_hf_dir(source):
-        checkpoint = hf.HFCheckpoint(source, training.model_config)
+        checkpoint = hf.HFCheckpoint(source, model_config)
         check_hf(checkpoint, expected)
         with torch.no_grad():
-            for name, p in params:
+            for name, p in model.params:
                 p.copy_(checkpoint.read(name, spec_of(p)))
         return
     check_model(source, expected)
-    dcp.load(model_state(training, dims), checkpoint_id=source, process_group=group)
-    join_replicas(training, dims, optimizer=False)
+    weights = {f"model/{name}": value for name, value in model.state_dict().items()}
+    dcp.load(weights, checkpoint_id=source, process_group=group)
+    model.load_state_dict(weights)
 
 
 def read_model(directory: str) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from skipjack.data.loader import ShardedLoader
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
 from skipjack.trainer.engine import NativeEngine
-from skipjack.trainer.trainer import train_step
+from skipjack.trainer.trainer import train_step, training_state
 
 CPU = torch.device("cpu")
 
@@ -174,11 +174,11 @@ def checkpointed_run(
         ),
     )
     dims, loader, engine = build_run(job, 0, device)
-    checkpoints = CheckpointManager(job.checkpoint, job.model, dims, dist.get_rank() == 0)
-    restored = checkpoints.restore(engine, loader)
-    start = 0 if restored is None else restored["step"]
+    checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, dist.get_rank() == 0)
+    state = training_state(engine, loader)
+    start = checkpoints.restore(state) or 0
     losses = {}
     for step in range(start + 1, (until or steps) + 1):
-        losses[step] = train_step(engine, loader, step, checkpoints)[0]
+        losses[step] = train_step(engine, loader, step, checkpoints, state)[0]
     checkpoints.close()
     return losses

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from skipjack.batch import MicroBatch
+from skipjack.checkpoint.state import ModelState, OptimizerState, ScheduleState, State
 from skipjack.config import TrainJobConfig
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.optim.inactive import Slice, slices_left_alone
@@ -48,6 +49,14 @@ class NativeEngine:
         self.grad_sync = GradientSync(
             self.model.parameters(), dims.group("dp"), job.parallel.bucket_mb
         )
+
+    def state(self) -> State:
+        """What a checkpoint holds of the engine: parameters, optimizer state, LR schedule."""
+        return {
+            "model": ModelState(self.model, self.dims),
+            "optim": OptimizerState(self.optimizer, self.model, self.dims),
+            "lr_schedule": ScheduleState(self.schedule, self.optimizer),
+        }
 
     @property
     def lr(self) -> float:

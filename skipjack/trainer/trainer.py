@@ -19,6 +19,7 @@ from skipjack.atomic import write_text
 from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.sharded import load_model
+from skipjack.checkpoint.state import Progress, RNGState, State
 from skipjack.config import ConfigError, TrainJobConfig, prepare, resolve_dp
 from skipjack.data.loader import ShardedLoader
 from skipjack.data.source import build_datasets
@@ -29,21 +30,29 @@ from skipjack.trainer.engine import NativeEngine
 from skipjack.trainer.metrics import Metrics
 
 
+def training_state(engine: NativeEngine, loader: ShardedLoader) -> State:
+    """Everything a checkpoint holds: the engine's parts, the data position, the trainer's
+    counters and the random generator."""
+    return {**engine.state(), "loader": loader, "trainer": Progress(), "rng": RNGState()}
+
+
 def train_step(
     engine: NativeEngine,
     loader: ShardedLoader,
     step: int,
     checkpoints: CheckpointManager | None = None,
+    state: State | None = None,
 ) -> tuple[float, float, float]:
-    """Optimizer step `step` on the loader's next global batch, then its checkpoint if one is
-    due (started, written in the background); returns (loss, lr, grad norm). Parameters change
-    only after the save in flight holds its copy."""
+    """Optimizer step `step` on the loader's next global batch, then the saves of `state` that
+    are due (started, written in the background); returns (loss, lr, grad norm). Parameters
+    change only after the saves in flight hold their copies."""
     micro = loader.next()
     before_update = checkpoints.before_update if checkpoints is not None else None
     loss, lr, grad_norm = engine.step(micro, before_update)
     if checkpoints is not None and checkpoints.due(step):
-        tokens = loader.consumed_samples * int(micro[0].tokens.shape[1])
-        checkpoints.save(step, engine, {"step": step, "tokens": tokens}, loader.state_dict())
+        progress = state["trainer"]
+        progress.step, progress.tokens = step, loader.consumed_samples * micro[0].tokens.shape[1]
+        checkpoints.save(step, state)
     return loss, lr, grad_norm
 
 
@@ -155,18 +164,20 @@ class Trainer:
                 f"skipjack: optimizer {job.optim.name}: "
                 f"{planned_state_bytes(self.engine.optimizer) / 2**20:.2f} MiB of state on rank 0"
             )
-        self.checkpoints = CheckpointManager(job.checkpoint, job.model, dims, self.lead)
-        restored = self.checkpoints.restore(self.engine, self.loader)
+        self.state = training_state(self.engine, self.loader)
+        self.checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, self.lead)
+        restored = self.checkpoints.restore(self.state)
         self.start, self.restored = 0, restored is not None
         if restored is not None:
-            self.start = restored["step"]
-            self.metrics.resume(restored["tokens"])
+            self.start = self.state["trainer"].step
+            self.metrics.resume(self.state["trainer"].tokens)
             if self.lead:
                 print(
-                    f"skipjack: resumed from {self.checkpoints.restored_from} (step {self.start})"
+                    f"skipjack: resumed from the {self.checkpoints.restored_from} "
+                    f"(step {self.start})"
                 )
         elif job.model.init_from:
-            load_model(self.engine, dims, job.model.init_from, dims.group("checkpoint"))
+            load_model(self.state, job.model, job.model.init_from, dims.group("checkpoint"))
             if self.lead:
                 print(f"skipjack: weights from {job.model.init_from}")
 
@@ -185,7 +196,9 @@ class Trainer:
         step_tokens = t.global_batch_size * t.seq_len
         for step in range(self.start + 1, t.steps + 1):
             started = time.perf_counter()
-            loss, lr, grad_norm = train_step(engine, self.loader, step, self.checkpoints)
+            loss, lr, grad_norm = train_step(
+                engine, self.loader, step, self.checkpoints, self.state
+            )
             seconds = time.perf_counter() - started
             val_loss = None
             if self.val_batches and (step % t.val_interval == 0 or step == t.steps):

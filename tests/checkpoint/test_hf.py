@@ -16,6 +16,7 @@ from skipjack.checkpoint.convert import main as convert_main
 from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.marker import marked_model
 from skipjack.checkpoint.sharded import load_model, read_model
+from skipjack.checkpoint.state import Progress
 from skipjack.config import (
     CheckpointConfig,
     ModelConfig,
@@ -67,11 +68,11 @@ def logits_in_layout(source, tokens, tp, pp, vocab="none", save_to=None):
         model=model,
         parallel=ParallelConfig(tp=tp, pp=pp, vocab_parallel=vocab),
         train=TrainConfig(steps=1, micro_batch_size=2, seq_len=tokens.shape[1], dtype="fp32"),
-        checkpoint=CheckpointConfig(dir=str(save_to or "/nonexistent"), resume="none"),
+        checkpoint=CheckpointConfig(dir=str(save_to or "/nonexistent"), resume="none", interval=1),
     )
     dims = ParallelDims(dp=1, pp=pp, tp=tp, rank=dist.get_rank()).build_groups()
     training = NativeEngine(job, dims, 1, torch.device("cpu"))
-    load_model(training, dims, str(source), dims.group("checkpoint"))
+    load_model(training.state(), model, str(source), dims.group("checkpoint"))
     chunk, passes = training.runtime.chunks[0].eval(), training.runtime.vocab
     with torch.no_grad():
         if passes is not None:  # the E pass gives the first stage its input
@@ -96,8 +97,8 @@ def logits_in_layout(source, tokens, tp, pp, vocab="none", save_to=None):
             dist.all_gather(parts, out, group=dims.group(group))
             out = torch.cat(parts, dim=-1)
     if save_to is not None:
-        manager = CheckpointManager(job.checkpoint, job.model, dims, dist.get_rank() == 0)
-        manager.save(0, training, {"step": 0, "tokens": 0}, {"consumed_samples": 0})
+        manager = CheckpointManager.for_job(job.checkpoint, job.model, dims, dist.get_rank() == 0)
+        manager.save(0, {**training.state(), "trainer": Progress()})
         manager.close()
     return None if out is None else out[..., : model.vocab_size]
 

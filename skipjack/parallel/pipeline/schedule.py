@@ -101,7 +101,8 @@ class Schedule:
             target = hop + 1 if forward else hop - 1
             direction = FORWARD if forward else BACKWARD
             if 0 <= source < len(route) and self.owner(route[source])[0] != node:
-                out.append((self.owner(route[source])[0], Message(action.microbatch, place, direction), False))
+                peer = self.owner(route[source])[0]
+                out.append((peer, Message(action.microbatch, place, direction), False))
             if 0 <= target < len(route) and self.owner(route[target])[0] != node:
                 peer = self.owner(route[target])[0]
                 out.append((peer, Message(action.microbatch, route[target], direction), True))

@@ -4,7 +4,8 @@ deadlocks.
 Each rank (node, when routes cross replicas) executes its actions in order; an action starts
 when its rank is free and its inputs have arrived: a forward needs the forward of the previous
 place on its microbatch's route, a backward the backward of the next place (and its own
-forward). Transfers between ranks take the link's time; costs are per stage (a place's stage). Vocabulary passes (`vocab.py`) start collectives without waiting for the other
+forward). Transfers between ranks take the link's time; costs are per stage (a place's stage).
+Vocabulary passes (`vocab.py`) start collectives without waiting for the other
 ranks; what needs a collective's result waits until every rank has run the pass: the first
 stage's forward waits for E, R for S, and the last stage's backward for R; S waits for the last
 stage's forward (whose output it receives) and G for the first stage's backward. If no rank can
