@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from skipjack.config import ConfigError, register_configs
+from skipjack.config import ConfigError, LaunchConfig, register_configs
 from skipjack.launch.env import discover
 
 COMMANDS = ("train", "preprocess", "convert")
@@ -29,7 +29,7 @@ def _fail(error: ConfigError) -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def train_app(cfg: DictConfig) -> None:
     try:
-        if cfg.launch.name == "local" or discover().launcher != "single":
+        if OmegaConf.get_type(cfg.launch) is LaunchConfig or discover().launcher != "single":
             from skipjack.launch.local import run_here
 
             run_here(cfg)
@@ -40,31 +40,29 @@ def train_app(cfg: DictConfig) -> None:
 
 
 def _launch(cfg: DictConfig) -> int:
-    """Start the job through `launch.name`, after checking the config for the world it gets."""
+    """Start the job through the launcher chosen (`launch=...`), after checking the config for
+    the world it gets."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
-    from skipjack.config import prepare
+    from skipjack.config import RayLaunch, SlurmLaunch, TorchrunLaunch, prepare
     from skipjack.launch import slurm, torchrun
 
     job = OmegaConf.to_object(cfg)
     la = job.launch
-    world = la.num_workers if la.name == "ray" else la.nodes * la.nproc_per_node
+    world = la.num_workers if isinstance(la, RayLaunch) else la.nodes * la.nproc_per_node
     prepare(job, world)
     hydra = HydraConfig.get()
     run_dir = Path(hydra.runtime.output_dir)
-    if la.name == "ray":
+    if isinstance(la, RayLaunch):
         from skipjack.launch import ray
 
         return ray.run(la, run_dir, cfg)
-    launcher = {"torchrun": torchrun, "slurm": slurm}[la.name]
+    launcher = {TorchrunLaunch: torchrun, SlurmLaunch: slurm}[type(la)]
     return launcher.run(la, run_dir, list(hydra.overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="preprocess")
 def preprocess_app(cfg: DictConfig) -> None:
-    from omegaconf import OmegaConf
-
     from skipjack.data.preprocess import run_preprocess
 
     try:

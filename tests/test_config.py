@@ -1,17 +1,25 @@
+import dataclasses
 import subprocess
 import sys
 
 import pytest
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from skipjack.config import (
     ConfigError,
+    LaunchConfig,
+    RayLaunch,
+    Schedule,
+    SlurmLaunch,
+    TorchrunLaunch,
     TrainJobConfig,
     derive_micro_batches,
     prepare,
     validate,
 )
-from skipjack.testing.cli import compose_job
+from skipjack.launch.ray import worker_config, worker_job
+from skipjack.testing.cli import compose_config, compose_job
 
 
 def test_default_job_is_valid():
@@ -85,7 +93,6 @@ def test_default_job_is_valid():
             "sequence parallelism",
         ),
         (["parallel.tp=2"], 3, "parallel.tp", "world size 3"),
-        (["parallel.pp=2", "parallel.vocab_parallel=alg3"], 2, "parallel.vocab_parallel", "alg2"),
         (["parallel.vocab_parallel=alg2"], 1, "parallel.vocab_parallel", "needs pp > 1"),
         (["parallel.microbatches=3"], 1, "parallel.microbatches", "dp x microbatches = 3"),
         (
@@ -95,8 +102,6 @@ def test_default_job_is_valid():
             "partition=even",
         ),
         (["parallel.pp=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings", "vocab_par"),
-        (["optim.name=lion"], 1, "optim.name", "galore_plus"),
-        (["optim=galore", "optim.galore.proj_type=diag"], 1, "optim.galore.proj_type", "left"),
         (["optim=galore", "optim.galore.density=0.1"], 1, "optim.galore.density", "galore_plus"),
         (["optim=galore_plus", "optim.galore.density=2"], 1, "optim.galore.density", "[0, 1]"),
         (
@@ -107,6 +112,9 @@ def test_default_job_is_valid():
         ),
         (["optim=galore", "optim.galore.rank=-1"], 1, "optim.galore.rank", "by preset"),
         (["optim=galore", "optim.galore.rank=0"], 1, "optim.galore.rank", "density > 0"),
+        (["launch=torchrun", "launch.nodes=2"], 1, "launch.rdzv_endpoint", "host:port"),
+        (["launch=slurm", "launch.max_restarts=-1"], 1, "launch.max_restarts", ">= 0"),
+        (["launch=ray", "launch.num_workers=0"], 1, "launch.num_workers", "> 0"),
     ],
 )
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
@@ -115,6 +123,92 @@ def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
         prepare(cfg, world)
     assert err.value.field_name == field
     assert fix in str(err.value)
+
+
+def composition_error(*overrides: str) -> str:
+    """What Hydra says (with its cause, as the CLI prints it) when composing fails."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_job(*overrides)
+    return f"{err.value}\n{err.value.__cause__}"
+
+
+@pytest.mark.parametrize(
+    "key,value,choices",
+    [
+        ("parallel.schedule", "zigzag", "gpipe, 1f1b, interleaved_1f1b"),
+        ("parallel.partition", "uneven", "even, redistribute"),
+        ("parallel.vocab_parallel", "alg3", "none, alg1, alg2"),
+        ("train.device", "tpu", "auto, cpu, cuda"),
+        ("train.dtype", "fp8", "fp32, bf16"),
+        ("optim.name", "lion", "adamw, galore, galore_plus"),
+        ("optim.galore.proj_type", "diag", "std, reverse_std, left, right"),
+        ("optim.galore.moments", "drop", "keep, reset, rotate"),
+        ("optim.galore.svd", "lanczos", "exact, rsi"),
+        ("logging.wandb_mode", "cloud", "offline, online, disabled"),
+        ("data.kind", "parquet", "builtin, indexed"),
+        ("model.hf_dtype", "fp8", "fp32, bf16, fp16"),
+    ],
+)
+def test_a_wrong_choice_is_refused_when_composing_naming_the_key_and_the_choices(
+    key, value, choices
+):
+    said = composition_error(f"{key}={value}")
+    assert f"Invalid value '{value}', expected one of [{choices}]" in said
+    assert f"full_key: {key}\n" in said
+
+
+def test_a_wrong_choice_in_a_config_file_is_refused_too(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "ntk.yaml").write_text(
+        "# @package _global_\nmodel:\n  rope_scaling:\n    rope_type: ntk\n    factor: 2.0\n"
+    )
+    said = composition_error(f"hydra.searchpath=[file://{tmp_path}]", "experiment=ntk")
+    assert "In 'experiment/ntk'" in said
+    assert "Invalid value 'ntk', expected one of [llama3, linear, yarn]" in said
+    assert "full_key: model.rope_scaling.rope_type\n" in said
+
+
+def test_choices_are_their_strings_in_code_yaml_and_the_ray_workers_config():
+    overrides = ["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b"]
+    cfg = compose_config(*overrides, "parallel.vocab_parallel=alg2", "optim=galore")
+    job = OmegaConf.to_object(cfg)
+    p = job.parallel
+    assert p.schedule is Schedule.interleaved_1f1b and p.schedule == "interleaved_1f1b"
+    assert {"none": 0, "alg2": 2}[p.vocab_parallel] == 2  # a member hashes as its string
+    assert f"{p.schedule}/{job.optim.name}" == "interleaved_1f1b/galore"
+    text = OmegaConf.to_yaml(cfg, resolve=True)  # config.yaml of a run
+    assert "schedule: interleaved_1f1b\n" in text and "vocab_parallel: alg2\n" in text
+    reread = OmegaConf.merge(OmegaConf.structured(TrainJobConfig), OmegaConf.create(text))
+    assert OmegaConf.to_object(reread) == job
+    plain = worker_config(cfg)
+    assert type(plain["parallel"]["schedule"]) is str and plain["launch"] == {}
+    assert OmegaConf.to_object(worker_job(plain)) == job
+
+
+@pytest.mark.parametrize(
+    "launcher,schema",
+    [
+        ("local", LaunchConfig),
+        ("torchrun", TorchrunLaunch),
+        ("slurm", SlurmLaunch),
+        ("ray", RayLaunch),
+    ],
+)
+def test_each_launcher_has_its_own_schema_with_only_its_fields(launcher, schema):
+    cfg = compose_config(f"launch={launcher}")
+    assert type(OmegaConf.to_object(cfg).launch) is schema
+    assert set(cfg.launch) == {f.name for f in dataclasses.fields(schema)}
+    worker = OmegaConf.to_object(worker_job(worker_config(cfg)))
+    assert type(worker.launch) is LaunchConfig  # a Ray worker trains here, it does not launch
+
+
+def test_a_field_of_another_launcher_is_refused():
+    job = compose_job("launch=slurm", "launch.partition=gpu", "launch.nodes=2")
+    assert job.launch == SlurmLaunch(partition="gpu", nodes=2)
+    for launcher, schema in (("local", "LaunchConfig"), ("ray", "RayLaunch")):
+        said = composition_error(f"launch={launcher}", "launch.partition=gpu")
+        assert f"Key 'partition' not in '{schema}'" in said and "full_key: launch.partition" in said
+    assert "not in 'SlurmLaunch'" in composition_error("launch=slurm", "launch.num_workers=4")
 
 
 def test_microbatches_decide_the_micro_batch_size():

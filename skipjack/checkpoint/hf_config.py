@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from skipjack.config import ROPE_TYPES, ConfigError, ModelConfig, RopeScalingConfig, head_dim
+from skipjack.config import ConfigError, ModelConfig, RopeScalingConfig, RopeType, head_dim
 
 # keys of a Llama config that change nothing skipjack computes (transformers' own bookkeeping,
 # training-time defaults of its own trainer, generation defaults of older configs)
@@ -64,7 +64,7 @@ _ROPE_KEYS = {
         "truncate",
     ),
 }
-_SUPPORTED_ROPE = "default, " + ", ".join(ROPE_TYPES)
+_SUPPORTED_ROPE = "default, " + ", ".join(RopeType)
 # skipjack's dtype names -> those of Hugging Face configs (and of torch)
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _KNOWN = (

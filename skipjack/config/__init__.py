@@ -3,15 +3,16 @@ module per section (model, data, parallel, optim, train, checkpoint, logs, launc
 job in `job.py`.
 
 The dataclasses are registered in Hydra's ConfigStore; the YAML tree in `skipjack/configs/` fills
-them. `prepare()` runs before any work starts: it derives what the job leaves to skipjack
-(`derive_micro_batches`), then `validate()` checks everything and raises `ConfigError` naming the
-field and the fix, so a bad value costs seconds, not a queued job. Choices are strings checked
-against the allowed values (OmegaConf's structured configs take Enum, not Literal, and several
-of skipjack's values, like `1f1b`, are not Python names).
+them. A field that takes one of a few fixed strings is typed by a `Choice` (a str Enum; OmegaConf's
+structured configs take Enum, not Literal), so OmegaConf refuses any other value when the job is
+composed, naming the key and the choices; `launch` has one schema per launcher. `prepare()` runs
+before any work starts: it derives what the job leaves to skipjack (`derive_micro_batches`), then
+`validate()` checks everything else and raises `ConfigError` naming the field and the fix, so a
+bad value costs seconds, not a queued job.
 """
 
 from skipjack.config.checkpoint import CheckpointConfig
-from skipjack.config.data import DataConfig, PreprocessConfig, parse_blend, validate_data
+from skipjack.config.data import DataConfig, DataKind, PreprocessConfig, parse_blend, validate_data
 from skipjack.config.errors import ConfigError
 from skipjack.config.job import (
     TrainJobConfig,
@@ -20,38 +21,61 @@ from skipjack.config.job import (
     register_configs,
     validate,
 )
-from skipjack.config.launch import LaunchConfig
-from skipjack.config.logs import LoggingConfig
+from skipjack.config.launch import LaunchConfig, RayLaunch, SlurmLaunch, TorchrunLaunch
+from skipjack.config.logs import LoggingConfig, WandbMode
 from skipjack.config.model import (
-    ROPE_TYPES,
+    HfDtype,
     ModelConfig,
     RopeScalingConfig,
+    RopeType,
     head_dim,
     parameter_shape,
     validate_model,
     validate_tensor_parallel,
 )
-from skipjack.config.optim import GALORE_CHOICES, OPTIMIZERS, GaLoreConfig, OptimConfig
-from skipjack.config.parallel import ParallelConfig, resolve_dp
-from skipjack.config.train import TrainConfig
+from skipjack.config.optim import (
+    GALORE_CHOICES,
+    GaLoreConfig,
+    Moments,
+    OptimConfig,
+    Optimizer,
+    ProjType,
+    SvdMethod,
+)
+from skipjack.config.parallel import ParallelConfig, Partition, Schedule, VocabParallel, resolve_dp
+from skipjack.config.train import Device, Dtype, TrainConfig
 
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DataKind",
+    "Device",
+    "Dtype",
     "GALORE_CHOICES",
     "GaLoreConfig",
+    "HfDtype",
     "LaunchConfig",
     "LoggingConfig",
     "ModelConfig",
-    "OPTIMIZERS",
+    "Moments",
     "OptimConfig",
+    "Optimizer",
     "ParallelConfig",
+    "Partition",
     "PreprocessConfig",
-    "ROPE_TYPES",
+    "ProjType",
+    "RayLaunch",
     "RopeScalingConfig",
+    "RopeType",
+    "Schedule",
+    "SlurmLaunch",
+    "SvdMethod",
+    "TorchrunLaunch",
     "TrainConfig",
     "TrainJobConfig",
+    "VocabParallel",
+    "WandbMode",
     "derive_micro_batches",
     "head_dim",
     "parameter_shape",

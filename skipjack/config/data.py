@@ -8,9 +8,10 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError
 
-DATA_KINDS = ("builtin", "indexed")
+DataKind = Choice("DataKind", "builtin indexed")
 
 
 @dataclass
@@ -22,7 +23,7 @@ class DataConfig:
     `paths` is a blend, either prefixes alone or alternating weight and prefix.
     """
 
-    kind: str = "builtin"
+    kind: DataKind = DataKind.builtin
     paths: list[str] = field(default_factory=list)
     split: str = "98,2,0"
     tokenizer: Optional[str] = None
@@ -43,8 +44,6 @@ class PreprocessConfig:
 
 
 def validate_data(d: DataConfig) -> None:
-    if d.kind not in DATA_KINDS:
-        raise ConfigError("data.kind", f"unknown kind {d.kind!r}; use one of {DATA_KINDS}")
     if d.kind == "indexed":
         if not d.paths:
             raise ConfigError(

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from skipjack.config.checkpoint import CheckpointConfig, validate_checkpoint
 from skipjack.config.data import DataConfig, PreprocessConfig, validate_data
 from skipjack.config.errors import ConfigError, positive
-from skipjack.config.launch import LaunchConfig, validate_launch
+from skipjack.config.launch import LAUNCHERS, LaunchConfig, validate_launch
 from skipjack.config.logs import LoggingConfig, validate_logging
 from skipjack.config.model import ModelConfig, validate_model, validate_tensor_parallel
 from skipjack.config.optim import OptimConfig, validate_optim
@@ -34,6 +34,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(name="preprocess_schema", node=PreprocessConfig)
+    for name, schema in LAUNCHERS.items():  # launch/<name>.yaml starts from it
+        cs.store(name=f"launch_{name}_schema", node=schema)
 
 
 def prepare(cfg: TrainJobConfig, world_size: int) -> str | None:

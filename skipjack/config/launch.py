@@ -1,4 +1,10 @@
-"""`launch`: how the job is started (docs/launch.md)."""
+"""`launch`: how the job is started (docs/launch.md), one schema per launcher.
+
+The job's `launch` field is typed `LaunchConfig`, the schema of `launch=local`; each other option
+of the `launch` group has a subclass with its own fields (registered in job.py as the option's
+schema), and composing it turns the field into that subclass, so a field of another launcher is
+refused (`launch=local launch.partition=gpu`). The launcher is the schema's type; the config
+carries no name for it that could disagree."""
 
 from __future__ import annotations
 
@@ -6,22 +12,36 @@ from dataclasses import dataclass, field
 
 from skipjack.config.errors import ConfigError, positive
 
-LAUNCHERS = ("local", "torchrun", "slurm", "ray")
-
 
 @dataclass
 class LaunchConfig:
-    """How the job is started (docs/launch.md). `local`: in this process, or as one rank of a
-    launcher that set the ranks (torchrun, srun, Ray). `torchrun`: start torchrun for the user.
-    `slurm`: write (and submit) a batch script running srun + torchrun, one task per node.
-    `ray`: run the trainer as a Ray Train TorchTrainer job."""
+    """`launch=local`: run in this process, or as one rank of a launcher that set the ranks
+    (torchrun, srun, Ray). Nothing to set."""
 
-    name: str = "local"
+
+@dataclass
+class NodesLaunch(LaunchConfig):
+    """What torchrun and SLURM share: torchrun on each of `nodes` nodes starts `nproc_per_node`
+    processes and restarts them all up to `max_restarts` times after a failure."""
+
     nproc_per_node: int = 1
     nodes: int = 1
-    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (multi-node torchrun)
     max_restarts: int = 0
-    # slurm: the batch script's resources; `submit=false` only writes the script
+
+
+@dataclass
+class TorchrunLaunch(NodesLaunch):
+    """`launch=torchrun`: start torchrun for the user."""
+
+    nproc_per_node: int = 2
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (multi-node)
+
+
+@dataclass
+class SlurmLaunch(NodesLaunch):
+    """`launch=slurm`: write (and submit) a batch script running srun + torchrun, one task per
+    node, with these resources; `submit=false` only writes the script."""
+
     partition: str = ""
     account: str = ""
     time: str = ""
@@ -29,7 +49,12 @@ class LaunchConfig:
     cpus_per_task: int = 0
     extra_sbatch: list[str] = field(default_factory=list)
     submit: bool = True
-    # ray: a Ray Train job on the cluster at `address` (empty: start a local one)
+
+
+@dataclass
+class RayLaunch(LaunchConfig):
+    """`launch=ray`: a Ray Train job on the cluster at `address` (empty: start a local one)."""
+
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -37,17 +62,27 @@ class LaunchConfig:
     max_failures: int = 0
 
 
+# the schema of every option of the `launch` group
+LAUNCHERS = {
+    "local": LaunchConfig,
+    "torchrun": TorchrunLaunch,
+    "slurm": SlurmLaunch,
+    "ray": RayLaunch,
+}
+
+
 def validate_launch(la: LaunchConfig) -> None:
-    if la.name not in LAUNCHERS:
-        raise ConfigError("launch.name", f"unknown launcher {la.name!r}; use one of {LAUNCHERS}")
-    positive("launch.nproc_per_node", la.nproc_per_node)
-    positive("launch.nodes", la.nodes)
-    positive("launch.num_workers", la.num_workers)
-    for name in ("max_restarts", "max_failures"):
-        if getattr(la, name) < 0:
-            raise ConfigError(f"launch.{name}", f"must be >= 0, got {getattr(la, name)}")
-    if la.name == "torchrun" and la.nodes > 1 and ":" not in la.rdzv_endpoint:
+    if isinstance(la, NodesLaunch):
+        positive("launch.nproc_per_node", la.nproc_per_node)
+        positive("launch.nodes", la.nodes)
+        if la.max_restarts < 0:
+            raise ConfigError("launch.max_restarts", f"must be >= 0, got {la.max_restarts}")
+    if isinstance(la, TorchrunLaunch) and la.nodes > 1 and ":" not in la.rdzv_endpoint:
         raise ConfigError(
             "launch.rdzv_endpoint",
             "multi-node torchrun needs the rendezvous host:port (the same on every node)",
         )
+    if isinstance(la, RayLaunch):
+        positive("launch.num_workers", la.num_workers)
+        if la.max_failures < 0:
+            raise ConfigError("launch.max_failures", f"must be >= 0, got {la.max_failures}")

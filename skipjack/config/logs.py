@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from skipjack.config.errors import ConfigError, positive
+from skipjack.config.choice import Choice
+from skipjack.config.errors import positive
 
-WANDB_MODES = ("offline", "online", "disabled")
+WandbMode = Choice("WandbMode", "offline online disabled")
 
 
 @dataclass
@@ -15,13 +16,9 @@ class LoggingConfig:
     progress: bool = True
     plot: bool = True
     wandb: bool = True
-    wandb_mode: str = "offline"
+    wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "skipjack"
 
 
 def validate_logging(lg: LoggingConfig) -> None:
     positive("logging.interval", lg.interval)
-    if lg.wandb_mode not in WANDB_MODES:
-        raise ConfigError(
-            "logging.wandb_mode", f"unknown mode {lg.wandb_mode!r}; use one of {WANDB_MODES}"
-        )

@@ -7,9 +7,11 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError, positive
 
-ROPE_TYPES = ("llama3", "linear", "yarn")
+RopeType = Choice("RopeType", "llama3 linear yarn")
+HfDtype = Choice("HfDtype", "fp32 bf16 fp16")
 
 
 @dataclass
@@ -19,7 +21,7 @@ class RopeScalingConfig:
     divided by `factor`) or `yarn` (NTK-by-parts between `beta_fast` and `beta_slow` rotations,
     cos/sin scaled by `attention_factor`, derived from `factor` and `mscale*` when None)."""
 
-    rope_type: str = "llama3"
+    rope_type: RopeType = RopeType.llama3
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -59,9 +61,9 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: Optional[int] = None
-    # the dtype (bf16, fp16, fp32) of the Hugging Face weights the model came from: an export
-    # writes it unless told otherwise (None: the checkpoint's own)
-    hf_dtype: Optional[str] = None
+    # the dtype of the Hugging Face weights the model came from: an export writes it unless told
+    # otherwise (None: the checkpoint's own)
+    hf_dtype: Optional[HfDtype] = None
 
 
 def head_dim(m: ModelConfig) -> int:
@@ -116,12 +118,6 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def _validate_rope_scaling(s: RopeScalingConfig) -> None:
-    if s.rope_type not in ROPE_TYPES:
-        raise ConfigError(
-            "model.rope_scaling.rope_type",
-            f"unknown {s.rope_type!r}; skipjack supports {', '.join(ROPE_TYPES)} (or "
-            "rope_scaling=null)",
-        )
     positive("model.rope_scaling.factor", s.factor)
     positive(
         "model.rope_scaling.original_max_position_embeddings", s.original_max_position_embeddings

@@ -5,14 +5,15 @@ from __future__ import annotations  # the schema's Optional[...] stays: OmegaCon
 from dataclasses import dataclass, field
 from typing import Optional
 
+from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError, positive
 
-OPTIMIZERS = ("adamw", "galore", "galore_plus")
-GALORE_CHOICES = {
-    "proj_type": ("std", "reverse_std", "left", "right"),
-    "moments": ("keep", "reset", "rotate"),
-    "svd": ("exact", "rsi"),
-}
+Optimizer = Choice("Optimizer", "adamw galore galore_plus")
+ProjType = Choice("ProjType", "std reverse_std left right")
+Moments = Choice("Moments", "keep reset rotate")  # on a basis change
+SvdMethod = Choice("SvdMethod", "exact rsi")  # rsi: randomized subspace iteration
+# the low-rank options' values, which GaLore also checks its parameter groups against
+GALORE_CHOICES = {"proj_type": tuple(ProjType), "moments": tuple(Moments), "svd": tuple(SvdMethod)}
 
 
 @dataclass
@@ -24,9 +25,9 @@ class GaLoreConfig:
     rank: Optional[int] = None
     update_proj_gap: int = 200
     scale: float = 0.25
-    proj_type: str = "std"  # std | reverse_std | left | right
-    moments: str = "keep"  # on a basis change: keep | reset | rotate
-    svd: str = "exact"  # exact | rsi (randomized subspace iteration)
+    proj_type: ProjType = ProjType.std
+    moments: Moments = Moments.keep
+    svd: SvdMethod = SvdMethod.exact
     oversample: int = 8
     power_iters: int = 1
     # GaLore+ only: heads sampled for a shared attention basis (0: off); sparse residuals
@@ -37,7 +38,7 @@ class GaLoreConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | galore | galore_plus
+    name: Optimizer = Optimizer.adamw
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -50,10 +51,6 @@ class OptimConfig:
 
 
 def validate_optim(o: OptimConfig) -> None:
-    if o.name not in OPTIMIZERS:
-        raise ConfigError(
-            "optim.name", f"unknown optimizer {o.name!r}; use one of {', '.join(OPTIMIZERS)}"
-        )
     if o.name != "adamw":
         _validate_galore(o.galore, plus=o.name == "galore_plus")
     positive("optim.lr", o.lr)
@@ -66,12 +63,6 @@ def validate_optim(o: OptimConfig) -> None:
 
 
 def _validate_galore(g: GaLoreConfig, plus: bool) -> None:
-    for name, allowed in GALORE_CHOICES.items():
-        if getattr(g, name) not in allowed:
-            raise ConfigError(
-                f"optim.galore.{name}",
-                f"unknown value {getattr(g, name)!r}; use one of {', '.join(allowed)}",
-            )
     if g.rank is not None and g.rank < 0:
         raise ConfigError("optim.galore.rank", f"must be >= 0 (or null: by preset), got {g.rank}")
     if g.rank == 0 and not (plus and g.density > 0):

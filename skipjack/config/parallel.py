@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError, positive
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-PARTITIONS = ("even", "redistribute")
-VOCAB_PARALLEL = ("none", "alg1", "alg2")
+Schedule = Choice("Schedule", "gpipe 1f1b interleaved_1f1b")
+Partition = Choice("Partition", "even redistribute")
+VocabParallel = Choice("VocabParallel", "none alg1 alg2")
 
 
 @dataclass
@@ -20,10 +21,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vpp: int = 1
-    schedule: str = "1f1b"
-    partition: str = "even"
+    schedule: Schedule = Schedule["1f1b"]
+    partition: Partition = Partition.even
     layers_per_stage: list[int] = field(default_factory=list)
-    vocab_parallel: str = "none"
+    vocab_parallel: VocabParallel = VocabParallel.none
     # micro-batches per step and replica (what flows through the pipeline); 0: from
     # train.micro_batch_size (`auto` there: enough to fill the pipeline, see derive_micro_batches)
     microbatches: int = 0
@@ -34,14 +35,6 @@ class ParallelConfig:
 def validate_parallel(p: ParallelConfig) -> None:
     for name in ("tp", "pp", "vpp", "bucket_mb"):
         positive(f"parallel.{name}", getattr(p, name))
-    if p.schedule not in SCHEDULES:
-        raise ConfigError("parallel.schedule", f"unknown {p.schedule!r}; use one of {SCHEDULES}")
-    if p.partition not in PARTITIONS:
-        raise ConfigError("parallel.partition", f"unknown {p.partition!r}; use one of {PARTITIONS}")
-    if p.vocab_parallel not in VOCAB_PARALLEL:
-        raise ConfigError(
-            "parallel.vocab_parallel", f"unknown {p.vocab_parallel!r}; use one of {VOCAB_PARALLEL}"
-        )
     if (p.vpp > 1) != (p.schedule == "interleaved_1f1b"):
         raise ConfigError(
             "parallel.vpp", "vpp > 1 goes with parallel.schedule=interleaved_1f1b, and only with it"

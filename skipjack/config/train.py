@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError, positive
 
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("fp32", "bf16")
+Device = Choice("Device", "auto cpu cuda")
+Dtype = Choice("Dtype", "fp32 bf16")
 
 
 @dataclass
@@ -19,8 +20,8 @@ class TrainConfig:
     seq_len: int = 128
     val_interval: int = 50
     val_batches: int = 4
-    device: str = "auto"
-    dtype: str = "bf16"
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.bf16
     seed: int = 1234
     output_dir: str = "${hydra:runtime.output_dir}"
 
@@ -35,7 +36,3 @@ def validate_train(t: TrainConfig, max_seq_len: int) -> None:
         raise ConfigError(
             "train.seq_len", f"{t.seq_len} exceeds model.max_seq_len={max_seq_len}; shorten it"
         )
-    if t.device not in DEVICES:
-        raise ConfigError("train.device", f"unknown device {t.device!r}; use one of {DEVICES}")
-    if t.dtype not in DTYPES:
-        raise ConfigError("train.dtype", f"unknown dtype {t.dtype!r}; use one of {DTYPES}")

@@ -19,23 +19,33 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from skipjack.config import LaunchConfig
+from skipjack.config import RayLaunch, TrainJobConfig
+
+
+def worker_config(cfg: DictConfig) -> dict:
+    """What the workers get: the job resolved, as plain data (choices as strings), with
+    launch=local: they train; they do not launch again."""
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resolved["launch"] = {}
+    return resolved
+
+
+def worker_job(config: dict) -> DictConfig:
+    """The job again, typed, from `worker_config`'s plain data."""
+    return OmegaConf.merge(OmegaConf.structured(TrainJobConfig), config)
 
 
 def _worker(config: dict) -> None:
-    from skipjack.config import TrainJobConfig
     from skipjack.launch.local import run_here
 
-    run_here(OmegaConf.merge(OmegaConf.structured(TrainJobConfig), config["cfg"]))
+    run_here(worker_job(config["cfg"]))
 
 
-def run(launch: LaunchConfig, run_dir: Path, cfg: DictConfig) -> int:
+def run(launch: RayLaunch, run_dir: Path, cfg: DictConfig) -> int:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["launch"]["name"] = "local"  # the workers train; they do not launch again
     gpus = launch.gpus_per_worker > 0
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if gpus else {})}
     ray.init(address=launch.address or None, include_dashboard=False, log_to_driver=True)
@@ -44,7 +54,7 @@ def run(launch: LaunchConfig, run_dir: Path, cfg: DictConfig) -> int:
     )
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": resolved},
+        train_loop_config={"cfg": worker_config(cfg)},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=launch.num_workers, use_gpu=gpus, resources_per_worker=resources

@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 from skipjack.atomic import write_text
-from skipjack.config import LaunchConfig
+from skipjack.config import SlurmLaunch
 from skipjack.launch.env import SLURM_PORT_BASE
 from skipjack.launch.torchrun import child_overrides
 
 
-def batch_script(launch: LaunchConfig, run_dir: Path) -> str:
+def batch_script(launch: SlurmLaunch, run_dir: Path) -> str:
     """The sbatch script: resources, then one task per node running `node.sh`."""
     directives = [
         f"--job-name=skipjack-{run_dir.name}",
@@ -54,7 +54,7 @@ srun --kill-on-bad-exit=1 bash {shlex.quote(str(run_dir / "node.sh"))}
     )
 
 
-def node_script(launch: LaunchConfig, run_dir: Path, overrides: list[str]) -> str:
+def node_script(launch: SlurmLaunch, run_dir: Path, overrides: list[str]) -> str:
     """What each node's task runs: torchrun with a c10d rendezvous on the first node."""
     train = [sys.executable, "-m", "skipjack.cli", "train", *child_overrides(overrides, run_dir)]
     logs = shlex.quote(str(run_dir / "logs"))
@@ -70,7 +70,7 @@ exec {shlex.quote(sys.executable)} -m torch.distributed.run \\
 """
 
 
-def run(launch: LaunchConfig, run_dir: Path, overrides: list[str]) -> int:
+def run(launch: SlurmLaunch, run_dir: Path, overrides: list[str]) -> int:
     script = run_dir / "job.sbatch"
     write_text(run_dir / "node.sh", node_script(launch, run_dir, overrides))
     write_text(script, batch_script(launch, run_dir))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from skipjack.config import LaunchConfig
+from skipjack.config import TorchrunLaunch
 
 
 def child_overrides(overrides: list[str], run_dir: Path) -> list[str]:
@@ -26,7 +26,7 @@ def child_overrides(overrides: list[str], run_dir: Path) -> list[str]:
     return [*keep, "launch=local", f"hydra.run.dir={run_dir}"]
 
 
-def command(launch: LaunchConfig, run_dir: Path, overrides: list[str]) -> list[str]:
+def command(launch: TorchrunLaunch, run_dir: Path, overrides: list[str]) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -50,7 +50,7 @@ def command(launch: LaunchConfig, run_dir: Path, overrides: list[str]) -> list[s
     return [*cmd, "-m", "skipjack.cli", "train", *child_overrides(overrides, run_dir)]
 
 
-def run(launch: LaunchConfig, run_dir: Path, overrides: list[str]) -> int:
+def run(launch: TorchrunLaunch, run_dir: Path, overrides: list[str]) -> int:
     cmd = command(launch, run_dir, overrides)
     nodes, procs = launch.nodes, launch.nproc_per_node
     print(

@@ -9,20 +9,24 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from skipjack.config import TrainJobConfig, register_configs
 
 BIN = Path(sys.executable).parent  # this environment's scripts: skipjack, torchrun
 
 
-def compose_job(*overrides: str) -> TrainJobConfig:
-    """The job `skipjack train <overrides>` would run, composed from skipjack/configs."""
+def compose_config(*overrides: str) -> DictConfig:
+    """The config `skipjack train <overrides>` composes from skipjack/configs."""
     register_configs()
     with initialize_config_module("skipjack.configs", version_base="1.3"):
         # outside a Hydra run there is no run dir to interpolate
-        cfg = compose("train", overrides=["train.output_dir=unused", *overrides])
-    return OmegaConf.to_object(cfg)
+        return compose("train", overrides=["train.output_dir=unused", *overrides])
+
+
+def compose_job(*overrides: str) -> TrainJobConfig:
+    """The job `skipjack train <overrides>` would run."""
+    return OmegaConf.to_object(compose_config(*overrides))
 
 
 def run_skipjack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

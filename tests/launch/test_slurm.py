@@ -21,15 +21,14 @@ from pathlib import Path
 import pytest
 
 from skipjack.checkpoint.marker import complete_checkpoints, verify
-from skipjack.config import LaunchConfig
+from skipjack.config import SlurmLaunch
 from skipjack.launch.slurm import batch_script, node_script
 from skipjack.testing.cli import run_skipjack
 from skipjack.trainer.metrics import read_metrics
 
 
 def test_batch_script_asks_for_resources_and_runs_torchrun_once_per_node(tmp_path):
-    launch = LaunchConfig(
-        name="slurm",
+    launch = SlurmLaunch(
         nodes=2,
         nproc_per_node=8,
         gpus_per_node=8,
