@@ -53,6 +53,7 @@ def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
     assert sorted(resumed) == list(range(21, 41))
     assert all(resumed[s]["loss"] == straight[s]["loss"] for s in resumed)
     assert resumed[40]["tokens"] == straight[40]["tokens"]
+    assert resumed[40]["flops_total"] == straight[40]["flops_total"]
     # the same run directory again: `auto` finds step 40, the last step, and has nothing to do
     again = run_skipjack("train", *common, "hydra.run.dir=a", cwd=tmp_path)
     assert "resumed from" in again.stdout and "(step 40)" in again.stdout

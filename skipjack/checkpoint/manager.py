@@ -41,7 +41,8 @@ class Tier(Protocol):
 class CheckpointManager:
     def __init__(self, tiers: list[Tier], group: dist.ProcessGroup, lead: bool):
         self.tiers, self.group, self.lead = tiers, group, lead
-        self.restored_from: str | None = None  # "<tier> <where>" of the restored state
+        self.restored_from: str | None = None  # where the restored state was (the tier says)
+        self.restored_tier: str | None = None
 
     @classmethod
     def for_job(
@@ -71,7 +72,7 @@ class CheckpointManager:
                 continue
             problem = self._everywhere(tier, state)
             if problem is None:
-                self.restored_from = f"{tier.name} {tier.where()}"
+                self.restored_from, self.restored_tier = tier.where(), tier.name
                 return step
             failed.append(f"step {step} from the {tier.name} tier ({problem})")
             if self.lead:

@@ -164,16 +164,17 @@ class ScheduleState:
 
 
 class Progress:
-    """The trainer's counters: optimizer steps done and tokens trained on."""
+    """The trainer's counters: optimizer steps done, tokens trained on, training FLOPs run."""
 
-    def __init__(self, step: int = 0, tokens: int = 0):
-        self.step, self.tokens = step, tokens
+    def __init__(self, step: int = 0, tokens: int = 0, flops: float = 0.0):
+        self.step, self.tokens, self.flops = step, tokens, flops
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "tokens": self.tokens}
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "flops": self.flops}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.flops = float(state["flops"])
 
 
 class RNGState:

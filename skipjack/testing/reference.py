@@ -179,6 +179,6 @@ def checkpointed_run(
     start = checkpoints.restore(state) or 0
     losses = {}
     for step in range(start + 1, (until or steps) + 1):
-        losses[step] = train_step(engine, loader, step, checkpoints, state)[0]
+        losses[step] = train_step(engine, loader, step, checkpoints, state).loss
     checkpoints.close()
     return losses

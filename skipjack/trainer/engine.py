@@ -1,9 +1,10 @@
 """The engine: forward-backward, the optimizer step, evaluation and their state, for one layout.
 
-The trainer's loop asks an engine to step and evaluate and never touches process groups, devices
-or the model's parts itself. `NativeEngine` is skipjack's own: the pipeline runtime over this
-rank's model chunks (tensor, pipeline and vocabulary parallelism), gradient synchronisation
-across data-parallel replicas, the optimizer and its LR schedule.
+The trainer's loop asks an engine (the `Engine` protocol) for the full plan of a step, to step
+along a plan and to evaluate, and hands its `state()` to the checkpoint tiers; it never touches
+process groups, devices or the model's parts itself. `NativeEngine` is skipjack's own: the
+pipeline runtime over this rank's model chunks (tensor, pipeline and vocabulary parallelism),
+gradient synchronisation across data-parallel replicas, the optimizer and its LR schedule.
 
 Every micro-batch loss is a sum over its target tokens divided by the global count of target
 tokens of the step, so gradients summed over micro-batches and replicas are the gradient of the
@@ -13,6 +14,8 @@ global mean loss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -26,7 +29,37 @@ from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
-from skipjack.trainer.pipeline import build_pipeline
+from skipjack.trainer.pipeline import build_pipeline, plan_flops, stage_layers
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # global mean loss per target token
+    lr: float  # the learning rate the update used
+    grad_norm: float  # global gradient norm before clipping
+    flops: float  # training FLOPs the plan ran, over every rank
+
+
+class Engine(Protocol):
+    """What the trainer's loop needs of an engine (one per training layout)."""
+
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def lr(self) -> float: ...
+
+    def full_plan(self) -> StepPlan: ...
+
+    def step(
+        self,
+        micro: list[MicroBatch],
+        before_update: Callable[[], None] | None = None,
+        plan: StepPlan | None = None,
+    ) -> StepResult: ...
+
+    def evaluate(self, batches: list[list[MicroBatch]]) -> float: ...
+
+    def state(self) -> State: ...
 
 
 class NativeEngine:
@@ -37,11 +70,12 @@ class NativeEngine:
     def __init__(
         self, job: TrainJobConfig, dims: ParallelDims, accumulation: int, device: torch.device
     ):
-        self.dims, self.device = dims, device
-        self.model_config = job.model
+        self.dims, self.device, self.accumulation = dims, device, accumulation
+        self.model_config, self.seq_len = job.model, job.train.seq_len
         self.grad_clip = job.optim.grad_clip
         tp = dims.tensor_parallel(job.parallel.sequence_parallel)
         self.runtime = build_pipeline(job, dims, tp, accumulation, device)
+        self.layers = stage_layers(job, self.runtime.schedule.num_stages)
         vocab = [self.runtime.vocab.shards] if self.runtime.vocab is not None else []
         self.model = torch.nn.ModuleList(self.runtime.chunks + vocab)
         self.optimizer = build_optimizer(self.model, job.optim, device, job.model, dims.groups)
@@ -61,6 +95,16 @@ class NativeEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def full_plan(self) -> StepPlan:
+        """Every microbatch of every replica through the whole pipeline, every block whole."""
+        stages = self.runtime.schedule.num_stages
+        return StepPlan.full(self.dims.dp, self.accumulation, stages)
+
+    def flops(self, plan: StepPlan, micro: list[MicroBatch]) -> float:
+        """Training FLOPs of a step along `plan` on micro-batches shaped like `micro`'s."""
+        tokens = micro[0].tokens.numel()
+        return plan_flops(self.model_config, self.seq_len, self.layers, plan, tokens, self.dims.tp)
 
     def _targets(self, micro: list[MicroBatch]) -> torch.Tensor:
         """Target tokens of the whole global batch (all micro-batches, all replicas), counted
@@ -102,15 +146,17 @@ class NativeEngine:
         micro: list[MicroBatch],
         before_update: Callable[[], None] | None = None,
         plan: StepPlan | None = None,
-    ) -> tuple[float, float, float]:
-        """One optimizer step on this rank's micro-batches of a global batch along `plan`;
-        `before_update` runs between the backward and the first change to a parameter (a
-        checkpoint's staging barrier). Returns (loss, lr, grad norm)."""
+    ) -> StepResult:
+        """One optimizer step on this rank's micro-batches of a global batch along `plan`
+        (default: the full plan); `before_update` runs between the backward and the first
+        change to a parameter (a checkpoint's staging barrier)."""
+        plan = plan or self.full_plan()
         loss = self.forward_backward(micro, plan)
         lr = self.lr
         if before_update is not None:
             before_update()
-        return loss, lr, self.optimizer_step(plan)
+        grad_norm = self.optimizer_step(plan)
+        return StepResult(loss, lr, grad_norm, self.flops(plan, micro))
 
     def _inactive(self, plan: StepPlan | None) -> list[Slice]:
         if plan is None or not plan.subnets:

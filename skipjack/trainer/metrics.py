@@ -1,10 +1,11 @@
 """Training metrics: throughput, FLOPs, memory; console progress, metrics.jsonl, wandb, plot.
 
-FLOPs are model FLOPs per token from `models.llama.flops_per_token` (3 x the forward matmuls of
-every block and the output layer, `block_flops`; PaLM appendix B's convention) times the tokens
-of a step, whatever the layout. On CUDA the achieved FLOP/s is
-reported as MFU against the GPU's dense bf16 peak; on CPU there is no meaningful peak, so the
-achieved FLOP/s itself is reported.
+FLOPs are the model FLOPs a step's plan ran (`trainer.pipeline.plan_flops`: 3 x the forward
+matmuls of every block each microbatch's route visits, as its subnet says, and the output layer;
+PaLM appendix B's convention), whatever the layout; the full plan runs `flops_per_token` x the
+step's tokens. The running total is checkpointed with the trainer's counters. On CUDA the
+achieved FLOP/s is reported as MFU against the GPU's dense bf16 peak; on CPU there is no
+meaningful peak, so the achieved FLOP/s itself is reported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from skipjack.atomic import replacing
+from skipjack.trainer.engine import StepResult
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -41,13 +43,11 @@ class Metrics:
         self,
         run_dir: Path,
         total_steps: int,
-        flops_per_token: float,
         device: torch.device,
         enabled: bool,
         progress: bool,
         wandb_run=None,
     ):
-        self.flops_per_token = flops_per_token
         self.device = device
         self.enabled = enabled
         self.peak = peak_flops(device)
@@ -70,37 +70,35 @@ class Metrics:
                 "train", total=total_steps, loss=float("nan"), tps=0.0
             )
 
-    def resume(self, tokens: int) -> None:
+    def resume(self, tokens: int, flops: float) -> None:
         """Continue the totals of a resumed run."""
-        self.tokens_total = tokens
-        self.flops_total = tokens * self.flops_per_token
+        self.tokens_total, self.flops_total = tokens, flops
 
     def step(
         self,
         step: int,
         tokens: int,
         seconds: float,
-        loss: float | None = None,
-        lr: float | None = None,
-        grad_norm: float | None = None,
+        result: StepResult | None = None,
         val_loss: float | None = None,
         log: bool = True,
         optimizer_state_bytes: int | None = None,
     ) -> dict:
         """Account one step of `tokens` that took `seconds`; write it when `log` or validated."""
-        self.tokens_total += tokens
-        self.flops_total += tokens * self.flops_per_token
         record = {"step": step}
-        if loss is not None:
+        if result is not None:
+            self.tokens_total += tokens
+            self.flops_total += result.flops
             seconds = max(seconds, 1e-9)
             record.update(
-                loss=loss,
-                lr=lr,
-                grad_norm=grad_norm,
+                loss=result.loss,
+                lr=result.lr,
+                grad_norm=result.grad_norm,
                 tokens=self.tokens_total,
                 tokens_per_s=tokens / seconds,
+                flops=result.flops,
                 flops_total=self.flops_total,
-                flops_per_s=tokens * self.flops_per_token / seconds,
+                flops_per_s=result.flops / seconds,
                 peak_memory_bytes=peak_memory_bytes(self.device),
                 optimizer_state_bytes=optimizer_state_bytes,
             )
@@ -109,7 +107,9 @@ class Metrics:
         if val_loss is not None:
             record.update(val_loss=val_loss, val_ppl=_perplexity(val_loss))
         if self._progress is not None:
-            fields = {"loss": loss, "tps": record["tokens_per_s"]} if loss is not None else {}
+            fields = {}
+            if result is not None:
+                fields = {"loss": result.loss, "tps": record["tokens_per_s"]}
             self._progress.update(self._task, completed=step, **fields)
             if val_loss is not None:
                 self._progress.console.print(

@@ -17,6 +17,7 @@ from skipjack.parallel.pipeline.partition import (
     explicit_partition,
     redistribute_partition,
 )
+from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.parallel.pipeline.runtime import Loss, PipelineRuntime
 from skipjack.parallel.pipeline.schedule import build_schedule
 from skipjack.parallel.pipeline.simulate import CostModel
@@ -48,6 +49,22 @@ def stage_layers(job: TrainJobConfig, num_stages: int) -> list[range]:
             m.n_layers, num_stages, block_flops(m, job.train.seq_len), 0.0, output_flops(m)
         )
     return even_partition(m.n_layers, num_stages)
+
+
+def plan_flops(
+    m: ModelConfig, seq_len: int, layers: list[range], plan: StepPlan, tokens: int, tp: int = 1
+) -> float:
+    """Training FLOPs (3 x forward) of a step along `plan`, microbatches of `tokens` tokens:
+    for each microbatch the blocks of the stages its route visits, each running the plan's
+    subnet of it (a subnet names one tensor-parallel shard's heads and neurons; every shard is
+    counted alike), and the output layer. The full plan gives `flops_per_token` x tokens."""
+    per_stage = [
+        sum(tp * block_flops(m, seq_len, plan.subnets.get(b), tp) for b in blocks)
+        for blocks in layers
+    ]
+    routes = [hops for replica in plan.routes for hops in replica]
+    forward = sum(sum(per_stage[stage] for _, stage in hops) for hops in routes)
+    return 3.0 * tokens * (forward + len(routes) * output_flops(m))
 
 
 def pipeline_cost_model(

@@ -23,37 +23,42 @@ from skipjack.checkpoint.state import Progress, RNGState, State
 from skipjack.config import ConfigError, TrainJobConfig, prepare, resolve_dp
 from skipjack.data.loader import ShardedLoader
 from skipjack.data.source import build_datasets
-from skipjack.models.llama import flops_per_token, num_parameters
+from skipjack.models.llama import num_parameters
 from skipjack.optim.builder import planned_state_bytes, state_bytes
 from skipjack.parallel.dims import ParallelDims
-from skipjack.trainer.engine import NativeEngine
+from skipjack.parallel.pipeline.plan import StepPlan
+from skipjack.trainer.engine import Engine, NativeEngine, StepResult
 from skipjack.trainer.metrics import Metrics
 
 
-def training_state(engine: NativeEngine, loader: ShardedLoader) -> State:
+def training_state(engine: Engine, loader: ShardedLoader) -> State:
     """Everything a checkpoint holds: the engine's parts, the data position, the trainer's
     counters and the random generator."""
     return {**engine.state(), "loader": loader, "trainer": Progress(), "rng": RNGState()}
 
 
 def train_step(
-    engine: NativeEngine,
+    engine: Engine,
     loader: ShardedLoader,
     step: int,
     checkpoints: CheckpointManager | None = None,
     state: State | None = None,
-) -> tuple[float, float, float]:
-    """Optimizer step `step` on the loader's next global batch, then the saves of `state` that
-    are due (started, written in the background); returns (loss, lr, grad norm). Parameters
-    change only after the saves in flight hold their copies."""
+    plan: StepPlan | None = None,
+) -> StepResult:
+    """Optimizer step `step` along `plan` (default: the full plan) on the loader's next global
+    batch, the counters of `state` advanced, then the saves of `state` that are due (started,
+    written in the background). Parameters change only after the saves in flight hold their
+    copies."""
     micro = loader.next()
     before_update = checkpoints.before_update if checkpoints is not None else None
-    loss, lr, grad_norm = engine.step(micro, before_update)
-    if checkpoints is not None and checkpoints.due(step):
+    result = engine.step(micro, before_update, plan)
+    if state is not None:
         progress = state["trainer"]
         progress.step, progress.tokens = step, loader.consumed_samples * micro[0].tokens.shape[1]
+        progress.flops += result.flops
+    if checkpoints is not None and checkpoints.due(step):
         checkpoints.save(step, state)
-    return loss, lr, grad_norm
+    return result
 
 
 def agree_run_dir(cfg: DictConfig) -> Path:
@@ -140,13 +145,12 @@ class Trainer:
             val_loader.batch_at(b * t.global_batch_size) for b in range(t.val_batches)
         ]
         torch.manual_seed(t.seed)
-        self.engine = NativeEngine(job, dims, self.loader.accumulation_steps, self.device)
+        self.engine: Engine = NativeEngine(job, dims, self.loader.accumulation_steps, self.device)
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         self.wandb_run = _wandb_run(job, self.run_dir, resolved) if self.lead else None
         self.metrics = Metrics(
             self.run_dir,
             t.steps,
-            flops_per_token(job.model, t.seq_len),
             self.device,
             enabled=self.lead,
             progress=job.logging.progress,
@@ -169,12 +173,13 @@ class Trainer:
         restored = self.checkpoints.restore(self.state)
         self.start, self.restored = 0, restored is not None
         if restored is not None:
-            self.start = self.state["trainer"].step
-            self.metrics.resume(self.state["trainer"].tokens)
+            progress = self.state["trainer"]
+            self.start = progress.step
+            self.metrics.resume(progress.tokens, progress.flops)
             if self.lead:
                 print(
-                    f"skipjack: resumed from the {self.checkpoints.restored_from} "
-                    f"(step {self.start})"
+                    f"skipjack: resumed from {self.checkpoints.restored_from} "
+                    f"(step {self.start}) of the {self.checkpoints.restored_tier} tier"
                 )
         elif job.model.init_from:
             load_model(self.state, job.model, job.model.init_from, dims.group("checkpoint"))
@@ -187,6 +192,11 @@ class Trainer:
         val_losses = self._loop()
         return self._finish(val_losses)
 
+    def plan(self, step: int) -> StepPlan:
+        """The plan of optimizer step `step`, made once per step and the same on every rank: the
+        full pipeline (the regimes of docs/pipeline.md's step plans come with their issues)."""
+        return self.engine.full_plan()
+
     def _loop(self) -> list[float]:
         job, t, engine = self.job, self.job.train, self.engine
         val_losses = []
@@ -196,9 +206,8 @@ class Trainer:
         step_tokens = t.global_batch_size * t.seq_len
         for step in range(self.start + 1, t.steps + 1):
             started = time.perf_counter()
-            loss, lr, grad_norm = train_step(
-                engine, self.loader, step, self.checkpoints, self.state
-            )
+            plan = self.plan(step)
+            result = train_step(engine, self.loader, step, self.checkpoints, self.state, plan)
             seconds = time.perf_counter() - started
             val_loss = None
             if self.val_batches and (step % t.val_interval == 0 or step == t.steps):
@@ -208,9 +217,7 @@ class Trainer:
                 step,
                 step_tokens,
                 seconds,
-                loss,
-                lr,
-                grad_norm,
+                result,
                 val_loss,
                 log=step % job.logging.interval == 0 or step == t.steps,
                 optimizer_state_bytes=state_bytes(engine.optimizer),

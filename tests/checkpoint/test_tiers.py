@@ -65,18 +65,18 @@ def job(root: str) -> TrainJobConfig:
     )
 
 
-def resume_from(root: str, memory: MemoryTier) -> tuple[int | None, str | None, float]:
-    """A fresh run with tiers [memory, persistent]: the step it restored, from where, and the
-    loss of its next step."""
+def resume_from(root: str, memory: MemoryTier) -> tuple:
+    """A fresh run with tiers [memory, persistent]: the step it restored, from which tier and
+    where, and the loss of its next step."""
     cfg = job(root)
     dims, loader, engine = build_run(cfg, 0)
     state = training_state(engine, loader)
     persistent = PersistentTier(cfg.checkpoint, cfg.model, dims, dist.get_rank() == 0)
     manager = CheckpointManager([memory, persistent], dims.group("checkpoint"), True)
     step = manager.restore(state)
-    loss = train_step(engine, loader, (step or 0) + 1)[0]
+    loss = train_step(engine, loader, (step or 0) + 1).loss
     manager.close()
-    return step, manager.restored_from, loss
+    return step, manager.restored_tier, manager.restored_from, loss
 
 
 def tiers(root: str) -> dict:
@@ -91,7 +91,7 @@ def tiers(root: str) -> dict:
     for step in range(1, 4):
         train_step(engine, loader, step, manager, state)
     manager.wait()
-    straight = train_step(engine, loader, 4)[0]
+    straight = train_step(engine, loader, 4).loss
     manager.close()
     broken_on_one_rank = MemoryTier(broken=dist.get_rank() == 1)
     broken_on_one_rank.saved = memory.saved
@@ -106,8 +106,8 @@ def tiers(root: str) -> dict:
 def test_restore_from_the_first_complete_tier_and_fall_back(tmp_path):
     result = run_ranks(tiers, 2, str(tmp_path / "ckpt"))[0]
     # memory holds step 3 (every step), the persistent tier step 2
-    assert result["memory"][:2] == (3, "memory in memory")
-    assert result["memory"][2] == result["straight"]  # step 4 continues exactly
+    assert result["memory"][:3] == (3, "memory", "in memory")
+    assert result["memory"][3] == result["straight"]  # step 4 continues exactly
     for case in ("empty", "broken"):
-        step, where, _ = result[case]
-        assert step == 2 and where.startswith("persistent ") and where.endswith("step-0000002")
+        step, tier, where, _ = result[case]
+        assert (step, tier) == (2, "persistent") and where.endswith("step-0000002")

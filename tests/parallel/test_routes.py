@@ -10,7 +10,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from skipjack.batch import IGNORE_INDEX, MicroBatch
-from skipjack.models.llama import Llama, Stage, document_causal_mask
+from skipjack.models.llama import (
+    Llama,
+    Stage,
+    block_flops,
+    document_causal_mask,
+    flops_per_token,
+)
 from skipjack.models.subnet import Subnet
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.comm import P2P
@@ -21,7 +27,7 @@ from skipjack.parallel.pipeline.schedule import build_schedule, schedule_from_ro
 from skipjack.parallel.pipeline.simulate import CostModel, simulate
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import SyntheticSamples, tiny_config
-from skipjack.trainer.pipeline import cross_entropy
+from skipjack.trainer.pipeline import cross_entropy, plan_flops
 
 SEED, SEQ_LEN = 0, 16
 CFG = tiny_config(n_layers=4)
@@ -197,3 +203,23 @@ def test_schedules_from_routes_keep_the_in_flight_limit_and_pair_order():
     bad.actions[3] = bad.actions[3][::-1]
     with pytest.raises(ValueError, match="node"):
         bad.check()
+
+
+def test_plan_flops_count_what_the_routes_and_subnets_run():
+    """The full plan runs flops_per_token x tokens, at tp=1 and tp=2; a route that skips a stage
+    saves that stage's blocks, a skipped block all of it, a subnet its share of the block."""
+    cfg, seq, tokens, layers = CFG, SEQ_LEN, 2 * SEQ_LEN, even_partition(CFG.n_layers, 4)
+    full = StepPlan.full(2, 3, 4)
+    expected = 6 * tokens * flops_per_token(cfg, seq)
+    for tp in (1, 2):
+        assert plan_flops(cfg, seq, layers, full, tokens, tp) == pytest.approx(expected)
+    block = 3 * tokens * block_flops(cfg, seq)
+    partial = StepPlan([[[(0, 0), (0, 2), (0, 3)]] + full.routes[0][1:], full.routes[1]])
+    assert plan_flops(cfg, seq, layers, partial, tokens) == pytest.approx(expected - block)
+    skipped = StepPlan(full.routes, {2: Subnet(skip=True)})
+    assert plan_flops(cfg, seq, layers, skipped, tokens) == pytest.approx(expected - 6 * block)
+    half = Subnet(torch.arange(cfg.n_heads // 2), torch.arange(cfg.ffn_dim // 2))
+    halved = StepPlan(full.routes, {1: half})
+    saved = 6 * 3 * tokens * (block_flops(cfg, seq) - block_flops(cfg, seq, half))
+    assert plan_flops(cfg, seq, layers, halved, tokens) == pytest.approx(expected - saved)
+    assert block_flops(cfg, seq, half) < block_flops(cfg, seq)
