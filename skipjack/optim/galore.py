@@ -204,6 +204,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 continue
             for key, value in self.low_rank_defaults.items():
                 group.setdefault(key, value)
+            for key in GALORE_CHOICES:  # plain strings: a state dict loads with weights_only
+                group[key] = str(group[key])
             self._check(group)
             for p in group["params"]:
                 self._projections[p] = self._projection(p, group)
