@@ -282,6 +282,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return None if proj.sharded_basis else spec.dim
         return None
 
+    def state_dim(self, p: torch.Tensor, key: str, dim: int) -> int | None:
+        """Which dimension of state tensor `key` of `p` runs along the parameter's dimension
+        `dim` (None: none does, or it mixes that dimension). A projected weight's moments keep
+        the side it does not project: rows for the right projection, columns for the left."""
+        if key not in ("exp_avg", "exp_avg_sq"):
+            return None
+        if p not in self._projections:
+            return dim
+        kept = 0 if self._projections[p].side == "right" else 1
+        return dim if dim == kept else None
+
     def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         for key, (shape, dtype) in self._shapes(p, group).items():
             state[key] = torch.zeros(
