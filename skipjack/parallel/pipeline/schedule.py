@@ -19,6 +19,7 @@ order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # directions of point-to-point messages: activations, gradients, and the micro-batch itself
 # (sent along with the activation to a node of another replica, which has not loaded it)
@@ -43,8 +44,7 @@ class Action:
         return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):
     """An activation (FORWARD) or a gradient (BACKWARD) of `microbatch` for `place`."""
 
     microbatch: int
@@ -85,28 +85,30 @@ class Schedule:
         replica, rank = divmod(node, self.pp)
         return replica * self.num_stages + chunk * self.pp + rank
 
-    def messages(self, node: int) -> list[tuple[int, Message, bool]]:
-        """What `node` sends and receives, in the order its actions do: (peer node, message,
-        True for a send). Forward and backward hand their tensors on where the route goes on;
-        a handoff between two chunks of one node is no message."""
-        out = []
-        for action in self.actions[node]:
-            if action.kind not in ("F", "B"):
-                continue
-            route = self.routes[action.microbatch]
-            place = self.place(node, action.chunk)
-            hop = route.index(place)
-            forward = action.kind == "F"
-            source = hop - 1 if forward else hop + 1
-            target = hop + 1 if forward else hop - 1
-            direction = FORWARD if forward else BACKWARD
-            if 0 <= source < len(route) and self.owner(route[source])[0] != node:
-                peer = self.owner(route[source])[0]
-                out.append((peer, Message(action.microbatch, place, direction), False))
-            if 0 <= target < len(route) and self.owner(route[target])[0] != node:
-                peer = self.owner(route[target])[0]
-                out.append((peer, Message(action.microbatch, route[target], direction), True))
-        return out
+    def messages(self) -> list[list[tuple[int, Message, bool]]]:
+        """What each node sends and receives, in the order its actions do: (peer node,
+        message, True for a send). Forward and backward hand their tensors on where the route
+        goes on; a handoff between two chunks of one node is no message."""
+        owners = [[self.owner(place)[0] for place in route] for route in self.routes]
+        hops = [{place: hop for hop, place in enumerate(route)} for route in self.routes]
+        every = []
+        for node, actions in enumerate(self.actions):
+            out = []
+            for action in actions:
+                forward = action.kind == "F"
+                if not forward and action.kind != "B":
+                    continue
+                mb = action.microbatch
+                route, where = self.routes[mb], owners[mb]
+                hop = hops[mb][self.place(node, action.chunk)]
+                source, target = (hop - 1, hop + 1) if forward else (hop + 1, hop - 1)
+                direction = FORWARD if forward else BACKWARD
+                if 0 <= source < len(route) and where[source] != node:
+                    out.append((where[source], Message(mb, route[hop], direction), False))
+                if 0 <= target < len(route) and where[target] != node:
+                    out.append((where[target], Message(mb, route[target], direction), True))
+            every.append(out)
+        return every
 
     def check(self) -> None:
         """Every microbatch's forward and backward at every place of its route, once, on the
@@ -114,17 +116,17 @@ class Schedule:
         and on every (sender, receiver) pair the messages received in the order they are sent,
         since NCCL matches point-to-point messages by order, not by tag. Raises ValueError
         naming the first problem."""
-        expected = set()
+        expected = set()  # (rank, kind, microbatch, chunk): tuples hash faster than actions
         for mb, route in enumerate(self.routes):
             for place in route:
                 node, chunk = self.owner(place)
-                expected |= {(node, Action("F", mb, chunk)), (node, Action("B", mb, chunk))}
+                expected |= {(node, "F", mb, chunk), (node, "B", mb, chunk)}
             if self.vocab_passes:
-                expected |= {(r, Action(k, mb)) for r in range(self.nodes) for k in VOCAB_PASSES}
+                expected |= {(r, k, mb, 0) for r in range(self.nodes) for k in VOCAB_PASSES}
         seen = set()
         for rank, actions in enumerate(self.actions):
             for action in actions:
-                key = (rank, action)
+                key = (rank, action.kind, action.microbatch, action.chunk)
                 if key in seen:
                     raise ValueError(f"{self.name}: rank {rank} runs {action} twice")
                 if key not in expected:
@@ -132,8 +134,8 @@ class Schedule:
                 seen.add(key)
         missing = expected - seen
         if missing:
-            rank, action = min(missing, key=lambda k: (k[0], str(k[1])))
-            raise ValueError(f"{self.name}: rank {rank} never runs {action}")
+            rank, kind, mb, chunk = min(missing, key=lambda k: (k[0], k[2], k[1], k[3]))
+            raise ValueError(f"{self.name}: rank {rank} never runs {Action(kind, mb, chunk)}")
         orders = [[a for a in actions if a.collective] for actions in self.actions]
         for rank, order in enumerate(orders):
             if order != orders[0]:
@@ -146,8 +148,8 @@ class Schedule:
                 )
         sent: dict[tuple[int, int], list[Message]] = {}
         received: dict[tuple[int, int], list[Message]] = {}
-        for node in range(self.nodes):
-            for peer, message, send in self.messages(node):
+        for node, messages in enumerate(self.messages()):
+            for peer, message, send in messages:
                 pair = (node, peer) if send else (peer, node)
                 (sent if send else received).setdefault(pair, []).append(message)
         for pair in sorted(sent.keys() | received.keys()):
