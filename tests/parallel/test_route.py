@@ -1,5 +1,4 @@
 import itertools
-import random
 
 import numpy as np
 import pytest
@@ -8,17 +7,16 @@ from hypothesis import strategies as st
 
 from skipjack.parallel.pipeline.allocate import allocate, bottleneck, tour
 from skipjack.parallel.pipeline.network import load_links
-from skipjack.parallel.pipeline.route import (
+from skipjack.parallel.pipeline.paths import (
     Cluster,
     Plan,
     Rules,
     check_paths,
     path_length,
-    random_paths,
-    schedule_paths,
     simulate_paths,
     task_tuples,
 )
+from skipjack.parallel.pipeline.route import random_paths, schedule_paths
 
 
 def cluster_of(sizes, seed, forward=1.0):
