@@ -1,9 +1,12 @@
 """Point-to-point links: shape and dtype travel once per link, then receives are posted early."""
 
+import time
+
 import torch
 import torch.distributed as dist
 
-from skipjack.parallel.pipeline.comm import P2P
+from skipjack.parallel.pipeline.comm import P2P, Emulator
+from skipjack.parallel.pipeline.network import uniform
 from skipjack.parallel.pipeline.schedule import BACKWARD, FORWARD
 from skipjack.testing import run_ranks
 
@@ -46,3 +49,32 @@ def test_layouts_are_sent_once_per_link_and_later_receives_are_posted_early():
     assert received == [True] * len(MESSAGES) and layouts == 2
     # the first message of each link waits for its layout; the other three were posted ahead
     assert prefetched == 3
+
+
+def delayed(latency_ms: float):
+    """Rank 0 sends rank 1 three messages over an emulated link; rank 1 times their arrival."""
+    links = uniform(2, latency_ms / 1e3, 1e9)
+    rank = dist.get_rank()
+    p2p = P2P(dist.group.WORLD, 2, torch.device("cpu"), Emulator(links, lambda r: r, rank))
+    start = time.perf_counter()
+    got = []
+    for mb in range(3):
+        if rank == 0:
+            p2p.send(value(mb, 1, FORWARD, (4, 3), torch.float32), 1, mb, 1, FORWARD)
+            p2p.flush()
+        else:
+            got.append(
+                bool(
+                    torch.equal(
+                        p2p.recv(0, mb, 1, FORWARD), value(mb, 1, FORWARD, (4, 3), torch.float32)
+                    )
+                )
+            )
+    p2p.wait_all()
+    return got, time.perf_counter() - start
+
+
+def test_emulated_links_delay_messages_and_keep_them():
+    _, (got, seconds) = run_ranks(delayed, 2, 200.0)
+    assert got == [True] * 3
+    assert seconds >= 0.2  # the first message (after its layout) waits out the latency

@@ -19,7 +19,7 @@ from skipjack.models.llama import (
 )
 from skipjack.models.subnet import Subnet
 from skipjack.parallel.dims import ParallelDims
-from skipjack.parallel.pipeline.comm import P2P
+from skipjack.parallel.pipeline.comm import P2P, Emulator
 from skipjack.parallel.pipeline.partition import even_partition
 from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
@@ -93,9 +93,10 @@ def scale_of(micro) -> torch.Tensor:
     return torch.tensor(float(sum(batch.targets for batch in micro)))
 
 
-def pipelined(dp: int, pp: int, cases: dict) -> dict[str, tuple[float, dict]]:
+def pipelined(dp: int, pp: int, cases: dict, network: str = "none") -> dict:
     """On each of dp x pp ranks: per case, the loss of the global batch and every gradient
-    this rank's chunk got from one forward-backward along the case's plan."""
+    this rank's chunk got from one forward-backward along the case's plan, over links that
+    emulate `network`."""
     dims = ParallelDims(dp=dp, pp=pp, rank=dist.get_rank()).build_groups()
     rank, replica, device = dims.pp_rank, dims.dp_rank, torch.device("cpu")
     layers = even_partition(CFG.n_layers, pp)
@@ -103,7 +104,8 @@ def pipelined(dp: int, pp: int, cases: dict) -> dict[str, tuple[float, dict]]:
     for name, (routes, subnets) in cases.items():
         stage = Stage(layers[rank], rank == 0, rank == pp - 1)
         chunk = Llama(CFG, stage).init_weights(SEED, device)
-        p2p = P2P(dims.group("pipe"), dp * pp, device)
+        emulator = Emulator.over(network, dims.pipe_ranks(), dist.get_rank())
+        p2p = P2P(dims.group("pipe"), dp * pp, device, emulator)
         loss_fn = cross_entropy(chunk.tp, CFG.vocab_size)
         per_replica = len(routes[0])
         full = build_schedule("1f1b", pp, per_replica)
@@ -177,6 +179,15 @@ def test_plans_match_single_process_in_route_order(layout, case):
     for name, g in ref_grads.items():
         err = float((grads[name] - g).norm() / g.norm())
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_network_emulation_changes_timing_not_results():
+    """Across replicas under the geo profile (links of 3 to 130 ms): losses and gradients
+    bitwise equal to the run without delays."""
+    emulated = run_ranks(pipelined, 4, 2, 2, CASES[(2, 2)], "geo")[0]
+    for case, (loss, grads) in runtime_results(2, 2).items():
+        assert emulated[case][0] == loss
+        assert all(torch.equal(emulated[case][1][n], g) for n, g in grads.items())
 
 
 def test_a_route_that_skips_the_first_or_last_stage_or_starts_on_another_replica_is_refused():

@@ -13,13 +13,28 @@ cache them, so later messages are bare tensors and the receiver can post its rec
 sender is there. The runtime queues an action's sends and, when the action is done, posts them
 together with the receive of its next action in one `batch_isend_irecv`, so the next input
 travels while this rank is still between actions.
+
+Network emulation (`Emulator`): under a link profile (`network.py`) every send leaves after its
+link's latency plus its size over the link's bandwidth, a link carrying one message at a time,
+so a CPU run shows what a slow or uneven network does to a schedule. A thread of the sending
+rank starts each send when it is due; the messages of a link keep their order, and what arrives
+is what was sent: emulation changes timing, never results. (The thread issues sends on the
+process group while the main thread computes; gloo allows that; under NCCL emulate on the
+collectives' stream at your own risk.)
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
+from skipjack.parallel.pipeline.network import Links, load_links
 from skipjack.parallel.pipeline.schedule import DIRECTIONS
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
@@ -43,9 +58,92 @@ def _describe(tensor: torch.Tensor) -> torch.Tensor:
     return torch.tensor(meta, dtype=torch.int64, device=tensor.device)
 
 
+class Emulator:
+    """Sends from this rank, each started when its link would have delivered it."""
+
+    def __init__(self, links: Links, node_of: Callable[[int], int], rank: int):
+        self.links = links
+        self.node_of = node_of  # global rank -> node of the profile
+        self.node = node_of(rank)
+        self.free: dict[int, float] = {}  # destination node -> when its link is free again
+        self.due: list[tuple[float, int, dist.P2POp]] = []
+        self.works: list[dist.Work] = []
+        self.count = itertools.count()
+        self.unsent = 0
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    @classmethod
+    def over(cls, profile: str, ranks: list[list[int]], rank: int) -> Emulator | None:
+        """The emulator of `profile` for the pipeline nodes whose global ranks are `ranks`
+        [replica][pipeline rank] (node replica x pp + pipeline rank); None for no delay."""
+        links = load_links(profile, sum(len(replica) for replica in ranks))
+        if links.free():
+            return None
+        node = {r: i for i, r in enumerate(r for replica in ranks for r in replica)}
+        return cls(links, node.__getitem__, rank)
+
+    def send(self, op: dist.P2POp) -> None:
+        dst = self.node_of(op.peer)
+        nbytes = op.tensor.numel() * op.tensor.element_size()
+        now = time.perf_counter()
+        start = max(now, self.free.get(dst, now))
+        wire = nbytes / self.links.bandwidth[self.node, dst] if dst != self.node else 0.0
+        self.free[dst] = start + wire
+        due = start + wire + (self.links.latency[self.node, dst] if dst != self.node else 0.0)
+        with self.wake:
+            heapq.heappush(self.due, (due, next(self.count), op))
+            self.unsent += 1
+            self.wake.notify()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="skipjack-link", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.due:
+                    self.wake.wait()
+                due, _, op = self.due[0]
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    self.wake.wait(wait)  # an earlier message may come in meanwhile
+                    continue
+                heapq.heappop(self.due)
+            try:
+                work = dist.isend(op.tensor, op.peer, group=op.group, tag=op.tag)
+            except BaseException as error:  # surfaced by drain()
+                self.failure = error
+                work = None
+            with self.wake:
+                if work is not None:
+                    self.works.append(work)
+                self.unsent -= 1
+                self.wake.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every send left and completed."""
+        with self.wake:
+            while self.unsent:
+                self.wake.wait()
+            works, self.works = self.works, []
+        if self.failure is not None:
+            raise RuntimeError("an emulated send failed") from self.failure
+        for work in works:
+            work.wait()
+
+
 class P2P:
-    def __init__(self, group: dist.ProcessGroup, num_places: int, device: torch.device):
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_places: int,
+        device: torch.device,
+        emulator: Emulator | None = None,
+    ):
         self.group = group
+        self.emulator = emulator
         self.num_places = num_places
         self.device = device
         self.pending: list[dist.Work] = []
@@ -72,6 +170,10 @@ class P2P:
             tag = message_tag(mb, place, direction, self.num_places)
             ops.append(dist.P2POp(dist.isend, tensor, dst, self.group, tag))
         self._queued.clear()
+        if self.emulator is not None:
+            for op in ops:
+                self.emulator.send(op)
+            ops = []
         if expect is not None and expect not in self._posted:
             src, mb, place, direction = expect
             layout = self._layouts.get((src, place, direction))
@@ -106,6 +208,8 @@ class P2P:
         return buffer
 
     def wait_all(self) -> None:
+        if self.emulator is not None:
+            self.emulator.drain()
         for work in self.pending:
             work.wait()
         self.pending.clear()
