@@ -43,22 +43,23 @@ def within(*routes: list[int]) -> list[list[list[tuple[int, int]]]]:
     return [[[(0, stage) for stage in route] for route in routes]]
 
 
-# per layout (dp, pp), per case: the hops of every microbatch of every replica, and the subnets
+# per layout (dp, pp, head: the loss on the data node), per case: the hops of every microbatch
+# of every replica, and the subnets
 CASES = {
-    (1, 4): {  # within one replica: full, partial, reordered, all of them, with subnets
+    (1, 4, False): {  # within one replica: full, partial, reordered, all of them, with subnets
         "full": (within(*[[0, 1, 2, 3]] * 2), {}),
         "partial": (within(*[[0, 2, 3]] * 2), {}),
         "reordered": (within(*[[0, 2, 1, 3]] * 2), {}),
         "mixed": (within(*MIXED), {}),
         "mixed-subnets": (within(*MIXED), SUBNETS),
     },
-    (2, 2): {  # each replica's second microbatch ends on the other replica's last stage
+    (2, 2, False): {  # each replica's second microbatch ends on the other replica's last stage
         "across": (
             [[[(0, 0), (0, 1)], [(0, 0), (1, 1)]], [[(1, 0), (0, 1)], [(1, 0), (1, 1)]]],
             {},
         ),
     },
-    (2, 4): {  # across replicas, stages skipped, stages 1 and 2 swapped; with subnets
+    (2, 4, False): {  # across replicas, stages skipped, stages 1 and 2 swapped; with subnets
         "across-mixed": (
             [
                 [[(0, 0), (1, 1), (1, 2), (0, 3)], [(0, 0), (0, 2), (0, 3)]],
@@ -67,6 +68,16 @@ CASES = {
             SUBNETS,
         ),
         "across-full": ([[[(r, s) for s in range(4)]] * 2 for r in range(2)], {}),
+    },
+    (2, 3, True): {  # SkipPipe's paths: back to the data node's head (stage 3) for the loss
+        "head-full": ([[[(r, s) for s in range(4)]] * 2 for r in range(2)], {}),
+        "head-paths": (
+            [
+                [[(0, 0), (1, 2), (0, 3)], [(0, 0), (0, 1), (0, 3)], [(0, 0), (0, 3)]],
+                [[(1, 0), (0, 2), (1, 1), (1, 3)], [(1, 0), (0, 1), (1, 3)], [(1, 0), (1, 3)]],
+            ],
+            SUBNETS,
+        ),
     },
 }
 
@@ -93,7 +104,7 @@ def scale_of(micro) -> torch.Tensor:
     return torch.tensor(float(sum(batch.targets for batch in micro)))
 
 
-def pipelined(dp: int, pp: int, cases: dict, network: str = "none") -> dict:
+def pipelined(dp: int, pp: int, head: bool, cases: dict, network: str = "none") -> dict:
     """On each of dp x pp ranks: per case, the loss of the global batch and every gradient
     this rank's chunk got from one forward-backward along the case's plan, over links that
     emulate `network`."""
@@ -102,21 +113,29 @@ def pipelined(dp: int, pp: int, cases: dict, network: str = "none") -> dict:
     layers = even_partition(CFG.n_layers, pp)
     results = {}
     for name, (routes, subnets) in cases.items():
-        stage = Stage(layers[rank], rank == 0, rank == pp - 1)
-        chunk = Llama(CFG, stage).init_weights(SEED, device)
+        stages = [Stage(layers[rank], rank == 0, rank == pp - 1 and not head)]
+        if head and rank == 0:
+            stages.append(Stage(range(0), False, True))
+        chunks = [Llama(CFG, stage).init_weights(SEED, device) for stage in stages]
         emulator = Emulator.over(network, dims.pipe_ranks(), dist.get_rank())
-        p2p = P2P(dims.group("pipe"), dp * pp, device, emulator)
-        loss_fn = cross_entropy(chunk.tp, CFG.vocab_size)
+        p2p = P2P(dims.group("pipe"), dp * (pp + head), device, emulator)
+        loss_fn = cross_entropy(chunks[0].tp, CFG.vocab_size)
         per_replica = len(routes[0])
-        full = build_schedule("1f1b", pp, per_replica)
+        if head:
+            full = StepPlan.full(1, per_replica, pp + 1).places(pp + 1)
+            full = schedule_from_routes(pp, full, head=True)
+        else:
+            full = build_schedule("1f1b", pp, per_replica)
         runtime = PipelineRuntime(
-            full, [chunk], rank, p2p, device, loss_fn, replica=replica, ranks=dims.pipe_ranks()
+            full, chunks, rank, p2p, device, loss_fn, replica=replica, ranks=dims.pipe_ranks()
         )
         every_batch = microbatches(dp * per_replica)
         micro = every_batch[replica * per_replica : (replica + 1) * per_replica]
         loss = runtime.run(micro, scale_of(every_batch), plan=StepPlan(routes, subnets))
         dist.all_reduce(loss)  # held by the ranks of the routes' last stages
-        grads = {n: p.grad for n, p in chunk.named_parameters() if p.grad is not None}
+        grads = {
+            n: p.grad for c in chunks for n, p in c.named_parameters() if p.grad is not None
+        }
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, grads)
         summed: dict[str, torch.Tensor] = {}  # over the replicas of each stage
@@ -141,7 +160,7 @@ def single_process(pp: int, routes: list, subnets: dict) -> tuple[float, dict]:
         rope = model.rope if batch.positions is None else model.rope[batch.positions]
         mask = None if batch.documents is None else document_causal_mask(batch.documents)
         for stage in route:
-            for layer in layers[stage]:
+            for layer in layers[stage] if stage < pp else []:  # stage pp: the head
                 h = model.layers[str(layer)](h, rope, mask, subnets.get(layer))
         logits = F.linear(model.norm(h), model.output_weight())
         labels = batch.labels.flatten()
@@ -152,25 +171,27 @@ def single_process(pp: int, routes: list, subnets: dict) -> tuple[float, dict]:
 
 
 @functools.cache
-def runtime_results(dp: int, pp: int) -> dict[str, tuple[float, dict]]:
-    return run_ranks(pipelined, dp * pp, dp, pp, CASES[(dp, pp)])[0]
+def runtime_results(dp: int, pp: int, head: bool) -> dict[str, tuple[float, dict]]:
+    return run_ranks(pipelined, dp * pp, dp, pp, head, CASES[(dp, pp, head)])[0]
 
 
 @pytest.mark.parametrize(
     "layout,case", [(layout, case) for layout, cases in CASES.items() for case in cases]
 )
 def test_plans_match_single_process_in_route_order(layout, case):
-    dp, pp = layout
+    dp, pp, head = layout
     routes, subnets = CASES[layout][case]
-    places = StepPlan(routes).places(pp)
-    simulate(schedule_from_routes(pp, places, replicas=dp), CostModel.uniform(pp))  # deadlocks
-    loss, grads = runtime_results(dp, pp)[case]
+    places = StepPlan(routes).places(pp + head)
+    schedule = schedule_from_routes(pp, places, replicas=dp, head=head)
+    simulate(schedule, CostModel.uniform(pp + head))  # no deadlock
+    loss, grads = runtime_results(dp, pp, head)[case]
     ref_loss, ref_grads = single_process(pp, routes, subnets)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
     # what no route visits and a skipped block get no gradient, in both
     layers = even_partition(CFG.n_layers, pp)
     skipped = {layer for layer, subnet in subnets.items() if subnet.skip}
-    visited = {layer for p in places for place in p for layer in layers[place % pp]} - skipped
+    stages = [place % (pp + head) for p in places for place in p]
+    visited = {layer for s in stages if s < pp for layer in layers[s]} - skipped
     names = {n for n, _ in Llama(CFG).named_parameters()}
     unvisited = {
         n for n in names if n.split(".")[0] == "layers" and int(n.split(".")[1]) not in visited
@@ -184,8 +205,8 @@ def test_plans_match_single_process_in_route_order(layout, case):
 def test_network_emulation_changes_timing_not_results():
     """Across replicas under the geo profile (links of 3 to 130 ms): losses and gradients
     bitwise equal to the run without delays."""
-    emulated = run_ranks(pipelined, 4, 2, 2, CASES[(2, 2)], "geo")[0]
-    for case, (loss, grads) in runtime_results(2, 2).items():
+    emulated = run_ranks(pipelined, 4, 2, 2, False, CASES[(2, 2, False)], "geo")[0]
+    for case, (loss, grads) in runtime_results(2, 2, False).items():
         assert emulated[case][0] == loss
         assert all(torch.equal(emulated[case][1][n], g) for n, g in grads.items())
 
@@ -204,7 +225,7 @@ def test_schedules_from_routes_keep_the_in_flight_limit_and_pair_order():
     """Routes across two replicas with swaps: at every limit the routes allow, no node holds
     more microbatches than the limit (simulated), every pair of nodes receives in the order it
     sends (check), and a limit the routes cannot meet is refused naming a node."""
-    routes = StepPlan(CASES[(2, 4)]["across-mixed"][0]).places(4)
+    routes = StepPlan(CASES[(2, 4, False)]["across-mixed"][0]).places(4)
     routes = routes + [[0, 2, 1, 3], [0, 1, 2, 7], [4, 6, 5, 3]]
     for limit in (1, 2, 3):
         schedule = schedule_from_routes(4, routes, replicas=2, in_flight=limit)

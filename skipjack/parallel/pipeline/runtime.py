@@ -53,8 +53,11 @@ class PipelineRuntime:
         replica: int = 0,
         ranks: list[list[int]] | None = None,
     ):
-        if len(chunks) != schedule.vpp:
-            raise ValueError(f"{len(chunks)} model chunks for a schedule with vpp={schedule.vpp}")
+        if len(chunks) != schedule.chunks(pp_rank):
+            raise ValueError(
+                f"{len(chunks)} model chunks on pipeline rank {pp_rank}, where the schedule "
+                f"places {schedule.chunks(pp_rank)}"
+            )
         self.schedule = schedule  # the full routes' schedule; `current` is the one running
         self.current = schedule
         self.replica = replica
@@ -149,8 +152,9 @@ class PipelineRuntime:
         routes = plan.places(stages)
         key = (tuple(map(tuple, routes)), len(plan.routes), plan.in_flight)
         if self._routed is None or self._routed[0] != key:
+            full = self.schedule
             schedule = schedule_from_routes(
-                self.schedule.pp, routes, self.schedule.vpp, len(plan.routes), plan.in_flight
+                full.pp, routes, full.vpp, len(plan.routes), plan.in_flight, full.head
             )
             self._routed = (key, schedule)
         return self._routed[1]

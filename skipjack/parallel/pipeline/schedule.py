@@ -9,6 +9,11 @@ places are its stages; a schedule over `replicas` data-parallel replicas (routes
 has node replica x pp + rank and place replica x stages + stage. Schedules can be checked and
 simulated without processes (`simulate.py`); the runtime executes them.
 
+With `head` (SkipPipe, `skippipe.py`) the output layer and the loss are a place of their own,
+stage pp after the last layers' stage pp - 1, held by pipeline rank 0 as its second model chunk:
+the data node that embedded a microbatch also takes its loss, as in the SkipPipe paper, so a
+route may skip any stage but the first.
+
 Under vocabulary parallelism (`vocab.py`) every rank also runs five passes per microbatch: E
 (input embedding of its vocabulary shard), S (its logits and softmax statistics), R (the combined
 statistics: loss and input gradient), T (its output weight gradient) and G (its embedding weight
@@ -62,14 +67,21 @@ class Schedule:
     routes: list[list[int]] = field(default_factory=list)  # per microbatch, the places in order
     vocab_passes: bool = False  # the vocabulary passes of every microbatch on every rank
     replicas: int = 1
+    head: bool = False  # the output layer and loss a place of their own on rank 0 (vpp=1)
 
     def __post_init__(self) -> None:
+        if self.head and self.vpp != 1:
+            raise ValueError("a head place on the data node needs vpp=1")
         if not self.routes:
             self.routes = [list(range(self.num_stages))] * self.microbatches
 
     @property
     def num_stages(self) -> int:
-        return self.pp * self.vpp
+        return self.pp * self.vpp + self.head
+
+    def chunks(self, rank: int) -> int:
+        """How many model chunks pipeline rank `rank` holds."""
+        return self.vpp + (self.head and rank == 0)
 
     @property
     def nodes(self) -> int:
@@ -226,6 +238,7 @@ def schedule_from_routes(
     vpp: int = 1,
     replicas: int = 1,
     in_flight: int | None = None,
+    head: bool = False,
 ) -> Schedule:
     """A schedule for any routes (partial: stages skipped; reordered: stages out of order;
     across replicas: hops on other replicas' nodes; every microbatch its own), as places (see
@@ -239,8 +252,8 @@ def schedule_from_routes(
     the order it sends (NCCL needs that), and the order the run found is one the ranks can follow:
     deadlock-free by construction, checked, and simulated in the tests. Without `in_flight` the
     limit starts at the number of stages and doubles until the routes fit; with one that the
-    routes cannot meet, ValueError names the node."""
-    stages = pp * vpp
+    routes cannot meet, ValueError names the node. `head`: see the module docstring."""
+    stages = pp * vpp + head
     for mb, route in enumerate(routes):
         if (
             not route
@@ -254,7 +267,9 @@ def schedule_from_routes(
                 f"{stages - 1} and visits no place twice (places: replica x {stages} + stage, "
                 f"{replicas} replica(s))"
             )
-    shape = Schedule("routes", pp, len(routes), [], vpp=vpp, routes=routes, replicas=replicas)
+    shape = Schedule(
+        "routes", pp, len(routes), [], vpp=vpp, routes=routes, replicas=replicas, head=head
+    )
     limit = in_flight or stages
     while True:
         actions, stuck = _run_routes(shape, limit)
@@ -267,7 +282,7 @@ def schedule_from_routes(
             )
         limit *= 2
     schedule = Schedule(
-        "routes", pp, len(routes), actions, vpp=vpp, routes=routes, replicas=replicas
+        "routes", pp, len(routes), actions, vpp=vpp, routes=routes, replicas=replicas, head=head
     )
     schedule.check()
     return schedule
