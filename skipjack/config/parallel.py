@@ -4,6 +4,7 @@ need nothing but this section (the rest are in job.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError, positive
@@ -11,6 +12,25 @@ from skipjack.config.errors import ConfigError, positive
 Schedule = Choice("Schedule", "gpipe 1f1b interleaved_1f1b")
 Partition = Choice("Partition", "even redistribute")
 VocabParallel = Choice("VocabParallel", "none alg1 alg2")
+Allocation = Choice("Allocation", "layout search")
+PROFILES = ("none", "cluster", "multi_cluster", "geo")  # built-in link profiles (network.py)
+
+
+@dataclass
+class SkipPipeConfig:
+    """SkipPipe's partial and reordered pipelining (docs/skippipe.md)."""
+
+    enabled: bool = False
+    skip_ratio: float = 0.0  # share of the pp stages a microbatch's path skips (never stage 0)
+    max_swaps: int = 0  # swaps of two adjacent stages on a path (0: stages in order)
+    memory: int = 3  # microbatches a node holds at once (forward done, backward not yet)
+    full_pipeline_every: int = 0  # every k-th step runs the whole pipeline (0: never)
+    # link profile that pipeline transfers are delayed by (with or without skipping): none,
+    # cluster, multi_cluster, geo, or a csv file of links between regions
+    network: str = "none"
+    # which layout node (replica x pp + stage) sits on which node of the profile: in layout
+    # order, or searched to make data-parallel and pipeline links cheap (allocate.py)
+    allocation: Allocation = Allocation.layout
 
 
 @dataclass
@@ -30,6 +50,7 @@ class ParallelConfig:
     microbatches: int = 0
     sequence_parallel: bool = False
     bucket_mb: float = 25.0
+    skippipe: SkipPipeConfig = field(default_factory=SkipPipeConfig)
 
 
 def validate_parallel(p: ParallelConfig) -> None:
@@ -39,6 +60,36 @@ def validate_parallel(p: ParallelConfig) -> None:
         raise ConfigError(
             "parallel.vpp", "vpp > 1 goes with parallel.schedule=interleaved_1f1b, and only with it"
         )
+    validate_skippipe(p)
+
+
+def validate_skippipe(p: ParallelConfig) -> None:
+    s, name = p.skippipe, "parallel.skippipe"
+    if not 0.0 <= s.skip_ratio < 1.0:
+        raise ConfigError(f"{name}.skip_ratio", f"must be in [0, 1), got {s.skip_ratio}")
+    if s.max_swaps < 0:
+        raise ConfigError(f"{name}.max_swaps", f"must be >= 0, got {s.max_swaps}")
+    positive(f"{name}.memory", s.memory)
+    if s.full_pipeline_every < 0:
+        raise ConfigError(
+            f"{name}.full_pipeline_every", f"must be >= 0 (0: never), got {s.full_pipeline_every}"
+        )
+    if s.network not in PROFILES and not Path(s.network).is_file():
+        raise ConfigError(
+            f"{name}.network",
+            f"{s.network!r} is not one of {', '.join(PROFILES)} and no such file",
+        )
+    if not s.enabled:
+        return
+    if p.pp < 2:
+        raise ConfigError(f"{name}.enabled", "SkipPipe skips pipeline stages: needs pp >= 2")
+    if p.vocab_parallel != "none":
+        raise ConfigError(
+            f"{name}.enabled",
+            "vocabulary parallelism runs whole pipelines only; set parallel.vocab_parallel=none",
+        )
+    if p.vpp != 1:
+        raise ConfigError(f"{name}.enabled", "SkipPipe runs one model chunk per stage; set vpp=1")
 
 
 def resolve_dp(p: ParallelConfig, world_size: int) -> int:

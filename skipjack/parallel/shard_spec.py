@@ -181,7 +181,7 @@ def clip_grad_norm(params, max_norm: float, groups: dict[str, dist.ProcessGroup]
     """Scale gradients so the global norm is at most `max_norm`; returns the norm before."""
     params = [p for p in params if p.grad is not None]
     norm = global_grad_norm(params, groups)
-    if math.isfinite(max_norm):
+    if math.isfinite(max_norm) and params:  # a stage no route visited has none
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_([p.grad for p in params], scale.to(params[0].grad.device))
     return float(norm)

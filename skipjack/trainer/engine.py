@@ -28,8 +28,15 @@ from skipjack.optim.inactive import Slice, slices_left_alone
 from skipjack.parallel.data_parallel import GradientSync
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.plan import StepPlan
+from skipjack.parallel.pipeline.skippipe import layout_links
 from skipjack.parallel.shard_spec import clip_grad_norm, sync_partial_grads
-from skipjack.trainer.pipeline import build_pipeline, plan_flops, stage_layers
+from skipjack.trainer.pipeline import (
+    build_pipeline,
+    build_skippipe,
+    message_bytes,
+    plan_flops,
+    plan_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,10 @@ class Engine(Protocol):
 
     @property
     def lr(self) -> float: ...
+
+    def plan(self, step: int) -> StepPlan:
+        """The plan of optimizer step `step`, the same on every rank."""
+        ...
 
     def full_plan(self) -> StepPlan: ...
 
@@ -74,8 +85,15 @@ class NativeEngine:
         self.model_config, self.seq_len = job.model, job.train.seq_len
         self.grad_clip = job.optim.grad_clip
         tp = dims.tensor_parallel(job.parallel.sequence_parallel)
-        self.runtime = build_pipeline(job, dims, tp, accumulation, device)
-        self.layers = stage_layers(job, self.runtime.schedule.num_stages)
+        skippipe = job.parallel.skippipe
+        links = layout_links(skippipe, dims.dp, dims.pp, message_bytes(job, dims, accumulation))
+        self.runtime = build_pipeline(job, dims, tp, accumulation, device, links)
+        self.layers = plan_layers(job, self.runtime.schedule)
+        self.skippipe = (
+            build_skippipe(job, dims, accumulation, self.layers, links, device)
+            if skippipe.enabled
+            else None
+        )
         vocab = [self.runtime.vocab.shards] if self.runtime.vocab is not None else []
         self.model = torch.nn.ModuleList(self.runtime.chunks + vocab)
         self.optimizer = build_optimizer(self.model, job.optim, device, job.model, dims.groups)
@@ -95,6 +113,11 @@ class NativeEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def plan(self, step: int) -> StepPlan:
+        """The plan of optimizer step `step`: SkipPipe's paths where it is on, else the full
+        plan."""
+        return self.skippipe.plan(step) if self.skippipe is not None else self.full_plan()
 
     def full_plan(self) -> StepPlan:
         """Every microbatch of every replica through the whole pipeline, every block whole."""

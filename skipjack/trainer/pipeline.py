@@ -4,6 +4,7 @@ cost model that places the vocabulary passes (and predicts MFU in bench/vocab_pa
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -11,7 +12,8 @@ from skipjack.batch import MicroBatch
 from skipjack.config import ModelConfig, TrainJobConfig
 from skipjack.models.llama import Llama, Stage, VocabShards, block_flops, output_flops
 from skipjack.parallel.dims import ParallelDims
-from skipjack.parallel.pipeline.comm import P2P
+from skipjack.parallel.pipeline.comm import P2P, Emulator
+from skipjack.parallel.pipeline.network import Links
 from skipjack.parallel.pipeline.partition import (
     even_partition,
     explicit_partition,
@@ -19,8 +21,9 @@ from skipjack.parallel.pipeline.partition import (
 )
 from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.parallel.pipeline.runtime import Loss, PipelineRuntime
-from skipjack.parallel.pipeline.schedule import build_schedule
+from skipjack.parallel.pipeline.schedule import Schedule, build_schedule, schedule_from_routes
 from skipjack.parallel.pipeline.simulate import CostModel
+from skipjack.parallel.pipeline.skippipe import SkipPipe
 from skipjack.parallel.pipeline.vocab import VocabParallel, insert_vocab_passes
 from skipjack.parallel.tensor import TensorParallel, vocab_parallel_cross_entropy
 
@@ -95,28 +98,49 @@ def pipeline_cost_model(
     )
 
 
+def plan_layers(job: TrainJobConfig, schedule: Schedule) -> list[range]:
+    """The blocks of every stage of `schedule`, the head place (SkipPipe) holding none."""
+    layers = stage_layers(job, schedule.pp * schedule.vpp)
+    return layers + [range(0)] if schedule.head else layers
+
+
+def message_bytes(job: TrainJobConfig, dims: ParallelDims, accumulation: int) -> float:
+    """Bytes of one activation between two stages (sent as fp32)."""
+    micro_batch = job.train.global_batch_size // (dims.dp * accumulation)
+    return 4.0 * micro_batch * job.train.seq_len * job.model.dim
+
+
 def build_pipeline(
     job: TrainJobConfig,
     dims: ParallelDims,
     tp: TensorParallel,
     accumulation: int,
     device: torch.device,
+    links: Links,
 ) -> PipelineRuntime:
-    """This rank's model chunks (one per stage it owns) and the runtime that runs the schedule.
+    """This rank's model chunks (one per stage it owns) and the runtime that runs the schedule,
+    its transfers delayed by `links` where they are slow (network emulation).
 
     Without pipeline parallelism it is one chunk holding the whole model and a one-stage 1F1B
-    (forward and backward of each micro-batch in turn): one code path for every layout.
+    (forward and backward of each micro-batch in turn): one code path for every layout. Under
+    SkipPipe, pipeline rank 0 also holds the output layer and loss as a chunk of its own (the
+    schedule's head place) and the schedule is built from routes.
     """
     p, m = job.parallel, job.model
     vocab_parallel = p.vocab_parallel != "none"
-    schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp, EXTRA_WARMUP[p.vocab_parallel])
-    layers = stage_layers(job, schedule.num_stages)
+    if p.skippipe.enabled:
+        full = StepPlan.full(1, accumulation, p.pp + 1).places(p.pp + 1)
+        schedule = schedule_from_routes(p.pp, full, head=True)
+    else:
+        warmup = EXTRA_WARMUP[p.vocab_parallel]
+        schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp, warmup)
+    layers = plan_layers(job, schedule)
     last = schedule.num_stages - 1
     chunks = []
-    for chunk in range(p.vpp):
+    for chunk in range(schedule.chunks(dims.pp_rank)):
         stage = schedule.place(dims.pp_rank, chunk)
-        model = Llama(m, Stage(layers[stage], stage == 0, stage == last), tp, vocab_parallel)
-        chunks.append(model.init_weights(job.train.seed, device))
+        part = Stage(layers[stage], stage == 0, stage == last)
+        chunks.append(Llama(m, part, tp, vocab_parallel).init_weights(job.train.seed, device))
     vocab = None
     if vocab_parallel:
         index, size = dims.pp_rank * dims.tp + dims.tp_rank, dims.pp * dims.tp
@@ -137,7 +161,12 @@ def build_pipeline(
         schedule,
         chunks,
         dims.pp_rank,
-        P2P(dims.group("pipe"), dims.dp * schedule.num_stages, device),
+        P2P(
+            dims.group("pipe"),
+            dims.dp * schedule.num_stages,
+            device,
+            Emulator.over(links, dims.pipe_ranks(), dims.rank),
+        ),
         device,
         cross_entropy(tp, m.vocab_size),
         lambda: autocast_for(device, job.train.dtype),
@@ -155,3 +184,41 @@ def cross_entropy(tp: TensorParallel, vocab_size: int) -> Loss:
         return vocab_parallel_cross_entropy(logits, batch.labels, tp, vocab_size).sum()
 
     return loss
+
+
+def build_skippipe(
+    job: TrainJobConfig,
+    dims: ParallelDims,
+    accumulation: int,
+    layers: list[range],
+    links: Links,
+    device: torch.device,
+) -> SkipPipe:
+    """The job's SkipPipe paths, costed by each stage's FLOPs at this device's measured matmul
+    throughput (the output layer and loss on the data node), over `links`."""
+    m, t = job.model, job.train
+    tokens = job.train.global_batch_size // (dims.dp * accumulation) * t.seq_len
+    seconds = tokens / (matmul_flops_per_second(device) * dims.tp)
+    forward = [len(blocks) * block_flops(m, t.seq_len) * seconds for blocks in layers[:-1]]
+    loss = output_flops(m) * seconds
+    return SkipPipe.plan_paths(
+        job.parallel.skippipe,
+        dims.dp,
+        job.parallel.pp,
+        accumulation,
+        links,
+        forward,
+        loss,
+        message_bytes(job, dims, accumulation),
+    )
+
+
+def matmul_flops_per_second(device: torch.device, size: int = 512, repeats: int = 8) -> float:
+    """Multiply-adds x 2 per second of fp32 matmuls on `device` (a rough scale for costs)."""
+    a = torch.randn(size, size, device=device)
+    (a @ a).sum().item()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a = (a @ a) / size
+    a.sum().item()
+    return 2.0 * size**3 * repeats / (time.perf_counter() - started)

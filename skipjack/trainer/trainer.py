@@ -168,6 +168,8 @@ class Trainer:
                 f"skipjack: optimizer {job.optim.name}: "
                 f"{planned_state_bytes(self.engine.optimizer) / 2**20:.2f} MiB of state on rank 0"
             )
+            if getattr(self.engine, "skippipe", None) is not None:
+                print(f"skipjack: {self.engine.skippipe.describe()}")
         self.state = training_state(self.engine, self.loader)
         self.checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, self.lead)
         restored = self.checkpoints.restore(self.state)
@@ -194,8 +196,8 @@ class Trainer:
 
     def plan(self, step: int) -> StepPlan:
         """The plan of optimizer step `step`, made once per step and the same on every rank: the
-        full pipeline (the regimes of docs/pipeline.md's step plans come with their issues)."""
-        return self.engine.full_plan()
+        engine's (SkipPipe's paths, or the full pipeline)."""
+        return self.engine.plan(step)
 
     def _loop(self) -> list[float]:
         job, t, engine = self.job, self.job.train, self.engine

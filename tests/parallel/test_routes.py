@@ -20,6 +20,7 @@ from skipjack.models.llama import (
 from skipjack.models.subnet import Subnet
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.comm import P2P, Emulator
+from skipjack.parallel.pipeline.network import load_links
 from skipjack.parallel.pipeline.partition import even_partition
 from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
@@ -117,7 +118,8 @@ def pipelined(dp: int, pp: int, head: bool, cases: dict, network: str = "none") 
         if head and rank == 0:
             stages.append(Stage(range(0), False, True))
         chunks = [Llama(CFG, stage).init_weights(SEED, device) for stage in stages]
-        emulator = Emulator.over(network, dims.pipe_ranks(), dist.get_rank())
+        links = load_links(network, dp * pp)
+        emulator = Emulator.over(links, dims.pipe_ranks(), dist.get_rank())
         p2p = P2P(dims.group("pipe"), dp * (pp + head), device, emulator)
         loss_fn = cross_entropy(chunks[0].tp, CFG.vocab_size)
         per_replica = len(routes[0])
@@ -133,9 +135,7 @@ def pipelined(dp: int, pp: int, head: bool, cases: dict, network: str = "none") 
         micro = every_batch[replica * per_replica : (replica + 1) * per_replica]
         loss = runtime.run(micro, scale_of(every_batch), plan=StepPlan(routes, subnets))
         dist.all_reduce(loss)  # held by the ranks of the routes' last stages
-        grads = {
-            n: p.grad for c in chunks for n, p in c.named_parameters() if p.grad is not None
-        }
+        grads = {n: p.grad for c in chunks for n, p in c.named_parameters() if p.grad is not None}
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, grads)
         summed: dict[str, torch.Tensor] = {}  # over the replicas of each stage

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from skipjack.parallel.pipeline.network import Links, load_links
+from skipjack.parallel.pipeline.network import Links
 from skipjack.parallel.pipeline.schedule import DIRECTIONS
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
@@ -75,10 +75,9 @@ class Emulator:
         self.failure: BaseException | None = None
 
     @classmethod
-    def over(cls, profile: str, ranks: list[list[int]], rank: int) -> Emulator | None:
-        """The emulator of `profile` for the pipeline nodes whose global ranks are `ranks`
+    def over(cls, links: Links, ranks: list[list[int]], rank: int) -> Emulator | None:
+        """The emulator of `links` between the pipeline nodes whose global ranks are `ranks`
         [replica][pipeline rank] (node replica x pp + pipeline rank); None for no delay."""
-        links = load_links(profile, sum(len(replica) for replica in ranks))
         if links.free():
             return None
         node = {r: i for i, r in enumerate(r for replica in ranks for r in replica)}

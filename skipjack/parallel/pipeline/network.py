@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-PROFILES = ("none", "cluster", "multi_cluster", "geo")
+from skipjack.config.parallel import PROFILES
+
 GIB = 2**30
 _GEO = Path(__file__).with_name("geo_links.csv")
 _SAME_REGION = (1.0, 2.0)  # geo: ms, GiB/s inside a region

@@ -246,13 +246,15 @@ def schedule_from_routes(
     of one (embedding and loss).
 
     Built by running the routes: in rounds, every node takes one action whose input has arrived,
-    a backward before a forward, the oldest microbatch first, and no forward while it holds
-    `in_flight` microbatches awaiting their backward. A node takes a message's consumer only when
-    that message is the oldest one unconsumed from its sender, so every pair of nodes receives in
-    the order it sends (NCCL needs that), and the order the run found is one the ranks can follow:
-    deadlock-free by construction, checked, and simulated in the tests. Without `in_flight` the
-    limit starts at the number of stages and doubles until the routes fit; with one that the
-    routes cannot meet, ValueError names the node. `head`: see the module docstring."""
+    a backward before a forward, the oldest microbatch first, and no forward of another
+    microbatch while it holds `in_flight` microbatches awaiting a backward (a microbatch held by
+    two chunks of a node, as with the head place, counts once). A node takes a message's
+    consumer only when that message is the oldest one unconsumed from its sender, so every pair
+    of nodes receives in the order it sends (NCCL needs that), and the order the run found is
+    one the ranks can follow: deadlock-free by construction, checked, and simulated in the
+    tests. Without `in_flight` the limit starts at the number of stages and doubles until the
+    routes fit; with one that the routes cannot meet, ValueError names the node. `head`: see
+    the module docstring."""
     stages = pp * vpp + head
     for mb, route in enumerate(routes):
         if (
@@ -297,7 +299,7 @@ def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None,
     ready: list[set[tuple[int, int, int]]] = [set() for _ in range(nodes)]  # (B first, mb, hop)
     queues: dict[tuple[int, int], list[tuple[int, int, int]]] = {}  # pair -> consumers, in order
     heads: dict[tuple[int, int], int] = {}
-    held = [0] * nodes
+    held: list[dict[int, int]] = [{} for _ in range(nodes)]  # mb -> its chunks' forwards
     remaining = 2 * sum(len(route) for route in routes)
     for mb in range(len(routes)):
         ready[owner[mb][0][0]].add((1, mb, 0))
@@ -316,8 +318,8 @@ def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None,
         for node in range(nodes):
             choice = None
             for key in sorted(ready[node]):
-                if key[0] == 1 and held[node] >= limit:
-                    break
+                if key[0] == 1 and key[1] not in held[node] and len(held[node]) >= limit:
+                    continue
                 src = source(key)
                 if src is not None:
                     pair = (src, node)
@@ -334,7 +336,11 @@ def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None,
                 heads[(src, node)] += 1
             backward, mb, hop = choice[0] == 0, choice[1], choice[2]
             actions[node].append(Action("B" if backward else "F", mb, owner[mb][hop][1]))
-            held[node] += -1 if backward else 1
+            count = held[node].get(mb, 0) + (-1 if backward else 1)
+            if count:
+                held[node][mb] = count
+            else:
+                del held[node][mb]
             remaining -= 1
             last = len(routes[mb]) - 1
             if backward:
@@ -347,7 +353,7 @@ def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None,
             if follow is not None:
                 arrivals.append((node, dst, follow))
         if not acted:
-            full = [n for n in range(nodes) if held[n] >= limit]
+            full = [n for n in range(nodes) if len(held[n]) >= limit]
             return None, full[0] if full else 0
         for src, dst, key in arrivals:  # visible from the next round on
             ready[dst].add(key)
