@@ -1,4 +1,4 @@
-"""`skipjack <command> [hydra overrides]`: train, preprocess; and `skipjack convert`.
+"""`skipjack <command> [hydra overrides]`: train, eval, preprocess; and `skipjack convert`.
 
 Each command is a Hydra app over the config tree in skipjack/configs, so overrides, `--cfg job`,
 `--help` and `-m` sweeps work as Hydra users expect. Started under a launcher (torchrun, srun,
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from skipjack.config import ConfigError, LaunchConfig, register_configs
 from skipjack.launch.env import discover
 
-COMMANDS = ("train", "preprocess", "convert")
+COMMANDS = ("train", "eval", "preprocess", "convert")
 USAGE = f"usage: skipjack {{{','.join(COMMANDS)}}} [hydra overrides] (skipjack COMMAND --help)"
 
 
@@ -61,6 +61,18 @@ def _launch(cfg: DictConfig) -> int:
     return launcher.run(la, run_dir, list(hydra.overrides.task))
 
 
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def eval_app(cfg: DictConfig) -> None:
+    """`skipjack eval checkpoint.resume=<run dir> [eval.stages=[0,2]]`, as one process or as a
+    rank of torchrun / srun (trainer/evaluate.py)."""
+    from skipjack.launch.local import run_here
+
+    try:
+        run_here(cfg, evaluate=True)
+    except ConfigError as e:
+        _fail(e)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="preprocess")
 def preprocess_app(cfg: DictConfig) -> None:
     from skipjack.data.preprocess import run_preprocess
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
         convert(overrides)
         return
-    if command == "train" and discover().rank != 0:
+    if command in ("train", "eval") and discover().rank != 0:
         # rank 0 owns the run directory; the others write nothing of Hydra's anywhere
         overrides += [
             *("hydra.output_subdir=null", "hydra.run.dir=."),
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     register_configs()
     sys.argv = [f"skipjack {command}", *overrides]
-    {"train": train_app, "preprocess": preprocess_app}[command]()
+    {"train": train_app, "eval": eval_app, "preprocess": preprocess_app}[command]()
 
 
 if __name__ == "__main__":

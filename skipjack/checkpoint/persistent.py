@@ -43,7 +43,7 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
-def _candidates(resume: str, root: Path) -> tuple[list[Path], bool]:
+def resume_candidates(resume: str, root: Path) -> tuple[list[Path], bool]:
     """Directories to try, newest first, and whether a failure may fall back to the next."""
     if resume == "none":
         return [], False
@@ -95,7 +95,7 @@ class PersistentTier:
         listed: list = [None]
         if self.lead:
             try:
-                listed[0] = _candidates(self.cfg.resume, self.root)
+                listed[0] = resume_candidates(self.cfg.resume, self.root)
             except CheckpointError as e:
                 listed[0] = e
         dist.broadcast_object_list(listed, group=self.group, group_src=0)

@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from skipjack.config.checkpoint import CheckpointConfig, validate_checkpoint
 from skipjack.config.data import DataConfig, PreprocessConfig, validate_data
 from skipjack.config.errors import ConfigError, positive
+from skipjack.config.evaluate import EvalConfig, validate_eval
 from skipjack.config.launch import LAUNCHERS, LaunchConfig, validate_launch
 from skipjack.config.logs import LoggingConfig, validate_logging
 from skipjack.config.model import ModelConfig, validate_model, validate_tensor_parallel
@@ -28,6 +29,7 @@ class TrainJobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:
@@ -58,6 +60,7 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
         )
     validate_model(m)
     validate_train(t, m.max_seq_len)
+    validate_eval(cfg.eval, m.n_layers)
     validate_parallel(p)
     validate_pipeline(cfg, world_size)
     validate_tensor_parallel(m, p.tp)

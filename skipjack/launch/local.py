@@ -9,12 +9,16 @@ from omegaconf import DictConfig
 from skipjack.launch.env import device_for_rank, discover, init_distributed
 
 
-def run_here(cfg: DictConfig) -> dict:
+def run_here(cfg: DictConfig, evaluate: bool = False) -> dict:
     """Check the job for the world this process belongs to, join the default process group on
-    this rank's device, and train; returns the trainer's summary."""
+    this rank's device, and train (or evaluate: `skipjack eval`); returns the summary."""
     from skipjack.trainer.trainer import checked_job, train
 
     checked_job(cfg, discover().world_size)  # a bad config fails before any rendezvous
     device = device_for_rank(cfg.train.device)
     init_distributed(device)
+    if evaluate:
+        from skipjack.trainer.evaluate import evaluate as run_eval
+
+        return run_eval(cfg, device)
     return train(cfg, device)

@@ -68,7 +68,7 @@ class Engine(Protocol):
         plan: StepPlan | None = None,
     ) -> StepResult: ...
 
-    def evaluate(self, batches: list[list[MicroBatch]]) -> float: ...
+    def evaluate(self, batches: list[list[MicroBatch]], plan: StepPlan | None = None) -> float: ...
 
     def state(self) -> State: ...
 
@@ -192,13 +192,16 @@ class NativeEngine:
             for piece in blocks[index].inactive(subnet)
         ]
 
-    def evaluate(self, batches: list[list[MicroBatch]]) -> float:
+    def evaluate(self, batches: list[list[MicroBatch]], plan: StepPlan | None = None) -> float:
         """Mean loss per target token over validation global batches (each this rank's
-        micro-batches of one batch), all replicas; no gradients."""
+        micro-batches of one batch), all replicas, along `plan` (default: the full plan); no
+        gradients."""
         for chunk in self.runtime.chunks:
             chunk.eval()
         n_targets = self._targets([mb for micro in batches for mb in micro])
-        loss_sum = sum(self.runtime.run(micro, n_targets, forward_only=True) for micro in batches)
+        loss_sum = sum(
+            self.runtime.run(micro, n_targets, forward_only=True, plan=plan) for micro in batches
+        )
         for chunk in self.runtime.chunks:
             chunk.train()
         return self._global_loss(loss_sum)

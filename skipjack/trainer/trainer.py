@@ -16,6 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from skipjack.atomic import write_text
+from skipjack.batch import MicroBatch
 from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
 from skipjack.checkpoint.sharded import load_model
@@ -102,6 +103,41 @@ def checked_job(cfg: DictConfig, world: int) -> tuple[TrainJobConfig, str | None
     return job, prepare(job, world)
 
 
+def job_dims(job: TrainJobConfig, device: torch.device) -> ParallelDims:
+    """The job's layout over the default process group, its process groups built."""
+    return ParallelDims(
+        dp=resolve_dp(job.parallel, dist.get_world_size()),
+        pp=job.parallel.pp,
+        tp=job.parallel.tp,
+        rank=dist.get_rank(),
+    ).build_groups(device.type)
+
+
+def job_data(
+    job: TrainJobConfig, dims: ParallelDims, val_batches: int
+) -> tuple[ShardedLoader, list[list[MicroBatch]]]:
+    """This replica's training loader and its micro-batches of the first `val_batches`
+    validation global batches."""
+    t = job.train
+    total_val = val_batches * t.global_batch_size
+    train_set, val_set, tokenizer = build_datasets(
+        job.data, t.seq_len, t.seed, (t.steps * t.global_batch_size, total_val)
+    )
+    if tokenizer.vocab_size > job.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"{job.model.vocab_size} is smaller than the "
+            f"tokenizer's {tokenizer.vocab_size}; raise it or shrink the tokenizer",
+        )
+    loader = ShardedLoader(
+        train_set, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp
+    )
+    val_loader = ShardedLoader(
+        val_set, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp
+    )
+    return loader, [val_loader.batch_at(b * t.global_batch_size) for b in range(val_batches)]
+
+
 class Trainer:
     """One training job as this rank of the default process group (the launcher started it,
     launch/local.py) on `device`: `Trainer(cfg, device).run()` builds, loops and finishes."""
@@ -119,31 +155,8 @@ class Trainer:
 
     def _build(self) -> None:
         job, t = self.job, self.job.train
-        self.dims = dims = ParallelDims(
-            dp=resolve_dp(job.parallel, dist.get_world_size()),
-            pp=job.parallel.pp,
-            tp=job.parallel.tp,
-            rank=dist.get_rank(),
-        ).build_groups(self.device.type)
-        total_val = t.val_batches * t.global_batch_size
-        train_set, val_set, tokenizer = build_datasets(
-            job.data, t.seq_len, t.seed, (t.steps * t.global_batch_size, total_val)
-        )
-        if tokenizer.vocab_size > job.model.vocab_size:
-            raise ConfigError(
-                "model.vocab_size",
-                f"{job.model.vocab_size} is smaller than the "
-                f"tokenizer's {tokenizer.vocab_size}; raise it or shrink the tokenizer",
-            )
-        self.loader = ShardedLoader(
-            train_set, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp
-        )
-        val_loader = ShardedLoader(
-            val_set, t.global_batch_size, t.micro_batch_size, dims.dp_rank, dims.dp
-        )
-        self.val_batches = [
-            val_loader.batch_at(b * t.global_batch_size) for b in range(t.val_batches)
-        ]
+        self.dims = dims = job_dims(job, self.device)
+        self.loader, self.val_batches = job_data(job, dims, t.val_batches)
         torch.manual_seed(t.seed)
         self.engine: Engine = NativeEngine(job, dims, self.loader.accumulation_steps, self.device)
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
