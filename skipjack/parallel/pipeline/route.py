@@ -104,7 +104,7 @@ class _Planner:
     def plan(self, d: int, mb: int, t0: float) -> tuple[Path, float]:
         forbidden: set[int] = set()
         while True:
-            find = self._draw if self.mode == "random" else self._search
+            find = {"random": self._draw, "pipelines": self._pipeline}.get(self.mode, self._search)
             path = find(d, t0, forbidden)
             if path is None:  # every way is crowded: inject when a hold there ends
                 if not forbidden:
@@ -133,6 +133,12 @@ class _Planner:
     def _release(self, nodes: set[int], t0: float) -> float:
         """The first time after `t0` that a microbatch held at `nodes` is let go."""
         return min((b for n in nodes for _, b in self.time.holds[n] if b > t0), default=t0)
+
+    def _pipeline(self, d: int, t0: float, forbidden: set[int]) -> Path | None:
+        """Data node number i's own whole pipeline: node i mod size of every stage."""
+        i = self.c.stages[0].index(d)
+        path = (d, *(nodes[i % len(nodes)] for nodes in self.c.stages[1:]))
+        return None if forbidden & set(path) else path
 
     def _draw(self, d: int, t0: float, forbidden: set[int]) -> Path | None:
         """A rule-abiding path drawn at random (the random baseline)."""
@@ -258,6 +264,15 @@ def schedule_paths(
         _plan(cluster, rules, "aware", seed + i, shuffle=i > 0) for i in range(max(tries, 1))
     ]
     return min(plans, key=lambda plan: plan.makespan)
+
+
+def fixed_pipelines(cluster: Cluster, rules: Rules) -> Plan:
+    """The full-pipeline baseline of DT-FM: every microbatch of data node number i through node
+    i mod size of every stage, in order (`rules.length` must be every stage)."""
+    check_rules(cluster, rules)
+    if rules.length != len(cluster.stages) or rules.max_swaps:
+        raise ValueError("fixed pipelines visit every stage in order")
+    return _plan(cluster, rules, "pipelines", 0, shuffle=False)
 
 
 def random_paths(cluster: Cluster, rules: Rules, seed: int = 0) -> Plan:
