@@ -115,6 +115,30 @@ def test_default_job_is_valid():
         (["launch=torchrun", "launch.nodes=2"], 1, "launch.rdzv_endpoint", "host:port"),
         (["launch=slurm", "launch.max_restarts=-1"], 1, "launch.max_restarts", ">= 0"),
         (["launch=ray", "launch.num_workers=0"], 1, "launch.num_workers", "> 0"),
+        *[
+            (
+                ["parallel.pp=2", "parallel.skippipe.enabled=true", f"parallel.skippipe.{o}"],
+                2,
+                f"parallel.skippipe.{o.split('=')[0]}",
+                fix,
+            )
+            for o, fix in [
+                ("skip_ratio=1.0", "[0, 1)"),
+                ("max_swaps=-1", ">= 0"),
+                ("memory=0", "> 0"),
+                ("full_pipeline_every=-1", "0: never"),
+                ("network=moon.csv", "not one of none, cluster, multi_cluster, geo"),
+            ]
+        ],  # fmt: skip
+        (["parallel.skippipe.enabled=true"], 1, "parallel.skippipe.enabled", "needs pp >= 2"),
+        (
+            ["parallel.pp=2", "parallel.skippipe.enabled=true", "parallel.vocab_parallel=alg2"],
+            2,
+            "parallel.skippipe.enabled",
+            "parallel.vocab_parallel=none",
+        ),
+        (["eval.stages=[0]", "eval.layers=[1]"], 1, "eval.stages", "not both"),
+        (["eval.layers=[4]"], 1, "eval.layers", "not layers of a 4-layer model"),
     ],
 )
 def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):

@@ -16,7 +16,7 @@ from skipjack.parallel.pipeline.paths import (
     simulate_paths,
     task_tuples,
 )
-from skipjack.parallel.pipeline.route import random_paths, schedule_paths
+from skipjack.parallel.pipeline.route import fixed_pipelines, random_paths, schedule_paths
 
 
 def cluster_of(sizes, seed, forward=1.0):
@@ -52,6 +52,10 @@ def test_every_plan_obeys_every_rule_and_beats_the_unaware_baseline(
     for plan in (unaware, planned, random_paths(cluster, rules, seed=seed)):
         check_paths(cluster, rules, plan)
     assert planned.makespan <= unaware.makespan
+    whole = Rules(len(others) + 1, 0, memory, microbatches)
+    fixed = fixed_pipelines(cluster, whole)
+    check_paths(cluster, whole, fixed)
+    assert all(len({p[1:] for p in paths}) == 1 for paths in fixed.paths)  # one pipeline each
 
 
 def test_one_microbatch_through_the_whole_pipeline_costs_its_tasks():
