@@ -54,7 +54,7 @@ from skipjack.parallel.pipeline.route import fixed_pipelines, random_paths, sche
 from skipjack.parallel.pipeline.runtime import PipelineRuntime
 from skipjack.parallel.pipeline.schedule import schedule_from_routes
 from skipjack.parallel.pipeline.simulate import CostModel, simulate
-from skipjack.parallel.pipeline.skippipe import job_cluster, routes_of
+from skipjack.parallel.pipeline.skippipe import job_cluster, priority_of, routes_of
 from skipjack.testing import run_ranks
 from skipjack.testing.reference import tiny_config
 from skipjack.trainer.pipeline import cross_entropy
@@ -174,8 +174,8 @@ def _iterations(dp: int, pp: int, variants: dict, network: str) -> dict:
     )  # fmt: skip
     micro = _micro(PER_NODE, cfg.vocab_size)
     out = {}
-    for name, routes in variants.items():
-        plan = StepPlan(routes, in_flight=MEMORY)
+    for name, (routes, priority) in variants.items():
+        plan = StepPlan(routes, in_flight=MEMORY, priority=priority)
         times = []
         for i in range(ITERATIONS + 1):
             dist.barrier()
@@ -200,7 +200,7 @@ def part_real(dp: int, pp: int, skip: float, network: str = "geo") -> dict:
     cluster = Cluster(cluster.stages, cluster.forward, cluster.links, factor, cluster.loss_factor)
     rules = Rules(path_length(pp, skip), 1, MEMORY, PER_NODE)
     found = plans(cluster, rules)
-    routes = {v: routes_of(found[v], pp) for v in VARIANTS}
+    routes = {v: (routes_of(found[v], pp), priority_of(found[v])) for v in VARIANTS}
     measured = run_ranks(_iterations, dp * pp, dp, pp, routes, network, timeout=900)[0]
     # the runtime's own node orders through the schedule simulator, same costs
     cost = CostModel(
@@ -210,8 +210,10 @@ def part_real(dp: int, pp: int, skip: float, network: str = "geo") -> dict:
     )
     rows = {}
     for v in VARIANTS:
-        places = StepPlan(routes[v]).places(pp + 1)
-        schedule = schedule_from_routes(pp, places, replicas=dp, in_flight=MEMORY, head=True)
+        places = StepPlan(routes[v][0]).places(pp + 1)
+        schedule = schedule_from_routes(
+            pp, places, replicas=dp, in_flight=MEMORY, head=True, priority=routes[v][1]
+        )
         rows[v] = {
             "measured": measured[v],
             "path_simulator": found[v].makespan,

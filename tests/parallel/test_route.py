@@ -16,7 +16,11 @@ from skipjack.parallel.pipeline.paths import (
     simulate_paths,
     task_tuples,
 )
+from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.parallel.pipeline.route import fixed_pipelines, random_paths, schedule_paths
+from skipjack.parallel.pipeline.schedule import schedule_from_routes
+from skipjack.parallel.pipeline.simulate import CostModel, simulate
+from skipjack.parallel.pipeline.skippipe import job_cluster, priority_of, routes_of
 
 
 def cluster_of(sizes, seed, forward=1.0):
@@ -192,3 +196,34 @@ def test_profile_file_errors_name_the_line(tmp_path):
     path.write_text("region_a,region_b,latency_ms,bandwidth_gib_per_s\na,b,3,1\n")
     links = load_links(str(path), 3)
     assert links.regions == ("a", "b", "a") and links.latency[0, 1] == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize("dp,pp,length", [(2, 4, 3), (2, 3, 2), (3, 4, 2)])
+def test_the_runtime_schedule_follows_the_planned_orders(dp, pp, length):
+    """The paths' routes and start times in a step plan: `schedule_from_routes` gives every
+    node the planner's order (the loss as the head place's forward and backward), so the
+    schedule simulator, on the same costs, finishes when the path simulator does. (Where the
+    planned order would have a node take two messages of one sender in another order than they
+    were sent, the schedule keeps the pair's order and deviates as little as it can.)"""
+    links = load_links("geo", dp * pp)
+    forward, loss, message = [0.01] * pp, 0.005, 2**16
+    cluster = job_cluster(dp, pp, links, forward, loss, message)
+    plan = schedule_paths(cluster, Rules(length, 1, 3, 4))
+    places = StepPlan(routes_of(plan, pp)).places(pp + 1)
+    schedule = schedule_from_routes(
+        pp, places, replicas=dp, in_flight=3, head=True, priority=priority_of(plan)
+    )
+    same = total = 0
+    for node in range(dp * pp):
+        want = []
+        for kind, mb, _ in plan.orders[node]:
+            want += [("F", mb, 1), ("B", mb, 1)] if kind == "L" else [(kind, mb, 0)]
+        got = [(a.kind, a.microbatch, a.chunk) for a in schedule.actions[node]]
+        same += sum(a == b for a, b in zip(got, want, strict=True))
+        total += len(want)
+    assert same >= 0.9 * total
+    cost = CostModel(
+        [*forward, loss / 2.5], [f * 1.5 for f in forward] + [loss * 1.5 / 2.5],
+        lambda a, b: links.seconds(a, b, message),
+    )  # fmt: skip
+    assert simulate(schedule, cost).makespan == pytest.approx(plan.makespan, rel=1e-9)

@@ -86,6 +86,7 @@ class Plan:
     paths: list[list[Path]]  # [data node][microbatch]
     orders: list[list[Task]]  # per node, the tasks in the order it runs them
     makespan: float  # on the simulator
+    starts: dict[Task, float] = field(default_factory=dict)  # of every task, on the simulator
 
     def flat(self) -> list[Path]:
         return [path for paths in self.paths for path in paths]
@@ -113,7 +114,7 @@ def check_rules(cluster: Cluster, rules: Rules) -> None:
 @dataclass
 class Simulated:
     makespan: float
-    finish: dict[Task, float]  # end time of every task
+    starts: dict[Task, float]  # start time of every task
     peak: list[int]  # most microbatches every node held at once
 
 
@@ -132,6 +133,7 @@ def simulate_paths(
     nodes = len(cluster.forward)
     position, clock, held, peak = [0] * nodes, [0.0] * nodes, [0] * nodes, [0] * nodes
     finish: dict[Task, float] = {}
+    starts: dict[Task, float] = {}
     remaining = sum(len(order) for order in orders)
     while remaining:
         best = None
@@ -154,6 +156,7 @@ def simulate_paths(
             ]
             raise RuntimeError(f"the node orders deadlock; next tasks: {', '.join(waiting)}")
         start, node, task = best
+        starts[task] = start
         clock[node] = finish[task] = start + cluster.seconds(task, node)
         position[node] += 1
         remaining -= 1
@@ -163,7 +166,7 @@ def simulate_paths(
             peak[node] = max(peak[node], held[node])
         elif kind == "B":
             held[node] -= 1
-    return Simulated(max(clock), finish, peak)
+    return Simulated(max(clock), starts, peak)
 
 
 def check_paths(cluster: Cluster, rules: Rules, plan: Plan) -> None:

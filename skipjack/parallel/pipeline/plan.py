@@ -9,7 +9,9 @@ replica's nodes when routes cross replicas) and hands each chunk the subnets of 
 A microbatch starts at stage 0 of its own replica (where it was loaded) and ends at the last
 stage of any replica; in between it may visit any stage of any replica, each place once.
 `in_flight` bounds the microbatches a node holds awaiting their backward (None: the runtime's
-choice, see `schedule_from_routes`).
+choice, see `schedule_from_routes`). `priority` optionally says, per microbatch (replica-major)
+and hop, when a planner meant its forward and its backward to start (SkipPipe's path scheduler):
+each node then takes its ready actions in that order.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class StepPlan:
     routes: list[list[list[Hop]]]  # [replica][microbatch] -> hops
     subnets: Mapping[int, Any] = field(default_factory=dict)  # global block -> models Subnet
     in_flight: int | None = None
+    priority: list[list[tuple[float, float]]] | None = None  # [microbatch][hop] (F, B)
 
     @classmethod
     def full(cls, replicas: int, microbatches: int, stages: int) -> StepPlan:

@@ -248,7 +248,8 @@ def _plan(cluster: Cluster, rules: Rules, mode: str, seed: int, shuffle: bool) -
             path, injected[d] = planner.plan(cluster.stages[0][d], mb, injected[d])
             paths[d].append(path)
     orders = [list(tasks) for tasks in planner.time.tasks]
-    return Plan(paths, orders, simulate_paths(cluster, paths, orders).makespan)
+    simulated = simulate_paths(cluster, paths, orders)
+    return Plan(paths, orders, simulated.makespan, simulated.starts)
 
 
 def schedule_paths(

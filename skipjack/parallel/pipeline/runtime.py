@@ -150,12 +150,14 @@ class PipelineRuntime:
         if self.vocab is not None:
             raise ValueError("vocabulary parallelism runs full routes only; the plan skips stages")
         routes = plan.places(stages)
-        key = (tuple(map(tuple, routes)), len(plan.routes), plan.in_flight)
+        priority = tuple(map(tuple, plan.priority)) if plan.priority is not None else None
+        key = (tuple(map(tuple, routes)), len(plan.routes), plan.in_flight, priority)
         if self._routed is None or self._routed[0] != key:
             full = self.schedule
             schedule = schedule_from_routes(
-                full.pp, routes, full.vpp, len(plan.routes), plan.in_flight, full.head
-            )
+                full.pp, routes, full.vpp, len(plan.routes), plan.in_flight, full.head,
+                plan.priority,
+            )  # fmt: skip
             self._routed = (key, schedule)
         return self._routed[1]
 

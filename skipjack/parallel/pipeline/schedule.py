@@ -239,6 +239,7 @@ def schedule_from_routes(
     replicas: int = 1,
     in_flight: int | None = None,
     head: bool = False,
+    priority: list[list[tuple[float, float]]] | None = None,
 ) -> Schedule:
     """A schedule for any routes (partial: stages skipped; reordered: stages out of order;
     across replicas: hops on other replicas' nodes; every microbatch its own), as places (see
@@ -246,7 +247,9 @@ def schedule_from_routes(
     of one (embedding and loss).
 
     Built by running the routes: in rounds, every node takes one action whose input has arrived,
-    a backward before a forward, the oldest microbatch first, and no forward of another
+    a backward before a forward, the oldest microbatch first (or, with `priority`, per
+    microbatch and hop the times a planner meant its forward and backward to start: the
+    earliest first), and no forward of another
     microbatch while it holds `in_flight` microbatches awaiting a backward (a microbatch held by
     two chunks of a node, as with the head place, counts once). A node takes a message's
     consumer only when that message is the oldest one unconsumed from its sender, so every pair
@@ -274,7 +277,7 @@ def schedule_from_routes(
     )
     limit = in_flight or stages
     while True:
-        actions, stuck = _run_routes(shape, limit)
+        actions, stuck = _run_routes(shape, limit, priority)
         if actions is not None:
             break
         if in_flight is not None or limit >= len(routes):
@@ -290,7 +293,9 @@ def schedule_from_routes(
     return schedule
 
 
-def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None, int]:
+def _run_routes(
+    shape: Schedule, limit: int, priority: list[list[tuple[float, float]]] | None = None
+) -> tuple[list[list[Action]] | None, int]:
     """The action lists of `schedule_from_routes` under an in-flight limit, or (None, a node
     that cannot go on)."""
     routes, nodes = shape.routes, shape.nodes
@@ -304,6 +309,19 @@ def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None,
     for mb in range(len(routes)):
         ready[owner[mb][0][0]].add((1, mb, 0))
 
+    def order(key: tuple[int, int, int]) -> tuple:
+        """Backward (0) before forward (1), oldest first; or the planner's time first."""
+        if priority is None:
+            return key
+        return (priority[key[1]][key[2]][1 - key[0]], *key)
+
+    keys = {  # every action's key -> its node, ordered as the priority says
+        (order(k), k): owner[k[1]][k[2]][0]
+        for mb, route in enumerate(routes)
+        for hop in range(len(route))
+        for k in ((0, mb, hop), (1, mb, hop))
+    }
+
     def source(key: tuple[int, int, int]) -> int | None:
         """The node that sends `key`'s input, if another node does."""
         backward, mb, hop = key[0] == 0, key[1], key[2]
@@ -313,24 +331,46 @@ def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None,
         node = owner[mb][hop][0]
         return owner[mb][previous][0] if owner[mb][previous][0] != node else None
 
-    while remaining:
-        arrivals, acted = [], False
-        for node in range(nodes):
-            choice = None
-            for key in sorted(ready[node]):
-                if key[0] == 1 and key[1] not in held[node] and len(held[node]) >= limit:
-                    continue
-                src = source(key)
-                if src is not None:
-                    pair = (src, node)
-                    if queues[pair][heads[pair]] != key:
-                        continue
-                choice = key
-                break
-            if choice is None:
+    # with a priority, each node keeps to its planned order; in a round where no node can (pair
+    # order or the in-flight limit stand in the way) the earliest planned ready action runs alone
+    planned = [sorted(k for k, n in keys.items() if n == node) for node in range(nodes)]
+    position = [0] * nodes
+    taken: set[tuple[int, int, int]] = set()
+
+    def choose(node: int, strict: bool) -> tuple[int, int, int] | None:
+        if strict:
+            while position[node] < len(planned[node]) and planned[node][position[node]][1] in taken:
+                position[node] += 1
+            if position[node] == len(planned[node]):
+                return None
+            candidates = [planned[node][position[node]][1]]
+            candidates = [k for k in candidates if k in ready[node]]
+        else:
+            candidates = sorted(ready[node], key=order)
+        for key in candidates:
+            if key[0] == 1 and key[1] not in held[node] and len(held[node]) >= limit:
                 continue
+            src = source(key)
+            if src is not None and queues[(src, node)][heads[(src, node)]] != key:
+                continue
+            return key
+        return None
+
+    while remaining:
+        for strict in (True, False) if priority is not None else (False,):
+            choices = [(node, choose(node, strict)) for node in range(nodes)]
+            choices = [(node, key) for node, key in choices if key is not None]
+            if choices:
+                break
+        if priority is not None and not strict:  # off the plan: the earliest planned one alone
+            choices = [min(choices, key=lambda choice: order(choice[1]))] if choices else []
+        if not choices:
+            full = [n for n in range(nodes) if len(held[n]) >= limit]
+            return None, full[0] if full else 0
+        arrivals = []
+        for node, choice in choices:
             ready[node].remove(choice)
-            acted = True
+            taken.add(choice)
             src = source(choice)
             if src is not None:
                 heads[(src, node)] += 1
@@ -352,9 +392,6 @@ def _run_routes(shape: Schedule, limit: int) -> tuple[list[list[Action]] | None,
                 follow, dst = (0, mb, hop), node
             if follow is not None:
                 arrivals.append((node, dst, follow))
-        if not acted:
-            full = [n for n in range(nodes) if len(held[n]) >= limit]
-            return None, full[0] if full else 0
         for src, dst, key in arrivals:  # visible from the next round on
             ready[dst].add(key)
             if src != dst:

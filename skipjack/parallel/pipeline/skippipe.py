@@ -48,6 +48,7 @@ class SkipPipe:
     pp: int
     microbatches: int
     routes: list[list[list[tuple[int, int]]]]  # the paths as (replica, stage) hops
+    priority: list[list[tuple[float, float]]] | None  # the path simulator's start times
     plan_seconds: float  # an iteration along the paths, predicted by the path simulator
     full_seconds: float  # an iteration along whole pipelines, likewise
 
@@ -76,17 +77,16 @@ class SkipPipe:
             cluster = job_cluster(dp, pp, links, forward, loss, message_bytes)
             full = schedule_paths(cluster, Rules(pp, 0, config.memory, microbatches), tries=1)
             if length == pp and config.max_swaps == 0:  # nothing to skip or reorder
-                plan = full
-                routes = StepPlan.full(dp, microbatches, pp + 1).routes
+                plan, routes, priority = full, StepPlan.full(dp, microbatches, pp + 1).routes, None
             else:
                 rules = Rules(length, config.max_swaps, config.memory, microbatches)
                 plan = schedule_paths(cluster, rules)
-                routes = routes_of(plan, pp)
-            planned = [(routes, float(plan.makespan), float(full.makespan))]
+                routes, priority = routes_of(plan, pp), priority_of(plan)
+            planned = [(routes, priority, float(plan.makespan), float(full.makespan))]
         if dist.is_initialized():
             dist.broadcast_object_list(planned, src=0)
-        routes, seconds, full_seconds = planned[0]
-        return cls(config, dp, pp, microbatches, routes, seconds, full_seconds)
+        routes, priority, seconds, full_seconds = planned[0]
+        return cls(config, dp, pp, microbatches, routes, priority, seconds, full_seconds)
 
     @property
     def skips(self) -> bool:
@@ -115,7 +115,7 @@ class SkipPipe:
         every = self.config.full_pipeline_every
         if not self.skips or (every and step % every == 0):
             return StepPlan.full(self.dp, self.microbatches, self.pp + 1)
-        return StepPlan(self.routes, in_flight=self.config.memory)
+        return StepPlan(self.routes, in_flight=self.config.memory, priority=self.priority)
 
 
 def job_cluster(
@@ -126,6 +126,17 @@ def job_cluster(
     per_node = [forward[n % pp] for n in range(dp * pp)]
     cluster = Cluster.build(stages, links, per_node, message_bytes)
     return Cluster(cluster.stages, cluster.forward, cluster.links, loss_factor=loss / forward[0])
+
+
+def priority_of(plan: Plan) -> list[list[tuple[float, float]]]:
+    """When the path simulator starts every microbatch's forward and backward at each hop of its
+    route (the head: its loss), replica-major like the routes."""
+    starts, out = plan.starts, []
+    for mb, path in enumerate(plan.flat()):
+        hops = [(starts[("F", mb, h)], starts[("B", mb, h)]) for h in range(len(path))]
+        loss = starts[("L", mb, len(path))]
+        out.append([*hops, (loss, loss)])
+    return out
 
 
 def routes_of(plan: Plan, pp: int) -> list[list[list[tuple[int, int]]]]:
