@@ -12,6 +12,8 @@ of 32 MiB, 0.35 s per message as in the reference), 6 microbatches per data node
 DT-FM; and scheduled by the path scheduler), random rule-abiding paths, SkipPipe without
 collision avoidance and SkipPipe, and the scheduler's run time.
 
+The same scheduler on 64 nodes (8 stages of 8, 3 layers per stage): its run time.
+
 Part 2 (`real`, gloo processes on this machine, links emulated from the geo profile): dp=2 x
 pp=4 at 25% skip and dp=2 x pp=3 at 33% (with 4 stages 33% also skips one), a 2-layers-per-
 stage dim-64 model, 6 microbatches of 2 x 64 tokens per data node, memory 3: the same four
@@ -99,6 +101,17 @@ def part_sim() -> dict:
         out[name] = {k: v if k == "scheduler_seconds" else v.makespan for k, v in found.items()}
     out["allocation_seconds"] = allocation_seconds
     out["allocation_objective"] = searched.objective
+    # scale: 64 nodes in 8 stages of 8, the same model and costs, nodes in order
+    stages = [list(range(s * 8, s * 8 + 8)) for s in range(8)]
+    big = Cluster.build(stages, load_links("geo", 64), 0.055 * samples * 3, message, overhead)
+    started = time.perf_counter()
+    plan = schedule_paths(big, Rules(path_length(8, 0.33), 2, 3, 6))
+    out["nodes_64"] = {
+        "skippipe": plan.makespan,
+        "scheduler_seconds": time.perf_counter() - started,
+    }
+    whole = fixed_pipelines(big, Rules(8, 0, 3, 6))
+    out["nodes_64"]["full"] = whole.makespan
     return out
 
 
@@ -306,6 +319,11 @@ def main() -> None:
                 f"  skippipe / full: {row['skippipe'] / row['full']:.3f}, "
                 f"/ full scheduled: {row['skippipe'] / row['full_scheduled']:.3f}"
             )
+        big = sim["nodes_64"]
+        print(
+            f"64 nodes: full {big['full']:.2f}, skippipe {big['skippipe']:.2f}, "
+            f"scheduler {big['scheduler_seconds']:.2f} s"
+        )
         objective, seconds = sim["allocation_objective"], sim["allocation_seconds"]
         print(f"allocation: objective {objective:.3f} in {seconds:.2f} s")
     if args.part in ("real", "all"):

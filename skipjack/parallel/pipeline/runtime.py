@@ -142,10 +142,11 @@ class PipelineRuntime:
         return loss_sum
 
     def _schedule_for(self, plan: StepPlan | None) -> Schedule:
-        """The schedule of `plan`'s routes: the configured one when they are the full pipeline,
-        else one built from them over every replica's nodes (cached while they repeat)."""
+        """The schedule of `plan`'s routes: the configured one when they are the full pipeline
+        (and the plan sets no order or in-flight limit of its own), else one built from them
+        over every replica's nodes (cached while they repeat)."""
         stages = self.schedule.num_stages
-        if plan is None or plan.is_full(stages):
+        if plan is None or (plan.is_full(stages) and plan.priority is None and not plan.in_flight):
             return self.schedule
         if self.vocab is not None:
             raise ValueError("vocabulary parallelism runs full routes only; the plan skips stages")
