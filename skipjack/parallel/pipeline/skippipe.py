@@ -23,7 +23,7 @@ from skipjack.parallel.pipeline.allocate import allocate
 from skipjack.parallel.pipeline.network import Links, load_links
 from skipjack.parallel.pipeline.paths import Cluster, Plan, Rules, path_length
 from skipjack.parallel.pipeline.plan import StepPlan
-from skipjack.parallel.pipeline.route import schedule_paths
+from skipjack.parallel.pipeline.route import fixed_pipelines, schedule_paths
 
 
 def layout_links(config: SkipPipeConfig, dp: int, pp: int, message_bytes: float) -> Links:
@@ -75,7 +75,7 @@ class SkipPipe:
         planned: list = [None]
         if not dist.is_initialized() or dist.get_rank() == 0:
             cluster = job_cluster(dp, pp, links, forward, loss, message_bytes)
-            full = schedule_paths(cluster, Rules(pp, 0, config.memory, microbatches), tries=1)
+            full = fixed_pipelines(cluster, Rules(pp, 0, config.memory, microbatches))
             if length == pp and config.max_swaps == 0:  # nothing to skip or reorder
                 plan, routes, priority = full, StepPlan.full(dp, microbatches, pp + 1).routes, None
             else:
