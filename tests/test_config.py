@@ -128,6 +128,7 @@ def test_default_job_is_valid():
                 ("memory=0", "> 0"),
                 ("full_pipeline_every=-1", "0: never"),
                 ("network=moon.csv", "not one of none, cluster, multi_cluster, geo"),
+                ("compute_tflops=-1", "0: measured"),
             ]
         ],  # fmt: skip
         (["parallel.skippipe.enabled=true"], 1, "parallel.skippipe.enabled", "needs pp >= 2"),

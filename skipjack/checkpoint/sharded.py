@@ -155,7 +155,12 @@ def load(state: dict, directory: str, group: dist.ProcessGroup) -> None:
             f"training state; resume it with that version, or start from its weights with "
             f"model.init_from={directory}"
         )
-    parts = {part: s.state_dict() for part, s in state.items()}
+    saved = {key.split("/", 1)[0] for key in metadata}
+    parts = {
+        part: s.state_dict()
+        for part, s in state.items()
+        if part in saved or not getattr(s, "optional", False)  # optional: kept when not saved
+    }
     if "model" in parts:
         check_model(directory, {name: tuple(t.shape) for name, t in parts["model"].items()})
     flat = flatten(parts)

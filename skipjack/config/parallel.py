@@ -31,6 +31,10 @@ class SkipPipeConfig:
     # which layout node (replica x pp + stage) sits on which node of the profile: in layout
     # order, or searched to make data-parallel and pipeline links cheap (allocate.py)
     allocation: Allocation = Allocation.layout
+    # compute speed the planner assumes per node, TFLOP/s; 0: measured at start-up (the plan
+    # is saved in checkpoints, so a resume runs the same paths; set it for plans that are the
+    # same in every run and layout)
+    compute_tflops: float = 0.0
 
 
 @dataclass
@@ -70,6 +74,10 @@ def validate_skippipe(p: ParallelConfig) -> None:
     if s.max_swaps < 0:
         raise ConfigError(f"{name}.max_swaps", f"must be >= 0, got {s.max_swaps}")
     positive(f"{name}.memory", s.memory)
+    if s.compute_tflops < 0:
+        raise ConfigError(
+            f"{name}.compute_tflops", f"must be >= 0 (0: measured), got {s.compute_tflops}"
+        )
     if s.full_pipeline_every < 0:
         raise ConfigError(
             f"{name}.full_pipeline_every", f"must be >= 0 (0: never), got {s.full_pipeline_every}"

@@ -103,12 +103,14 @@ class NativeEngine:
         )
 
     def state(self) -> State:
-        """What a checkpoint holds of the engine: parameters, optimizer state, LR schedule."""
-        return {
+        """What a checkpoint holds of the engine: parameters, optimizer state, LR schedule, and
+        SkipPipe's paths where it plans them."""
+        state = {
             "model": ModelState(self.model, self.dims),
             "optim": OptimizerState(self.optimizer, self.model, self.dims),
             "lr_schedule": ScheduleState(self.schedule, self.optimizer),
         }
+        return state | ({"skippipe": self.skippipe} if self.skippipe is not None else {})
 
     @property
     def lr(self) -> float:

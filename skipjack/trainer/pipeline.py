@@ -194,11 +194,13 @@ def build_skippipe(
     links: Links,
     device: torch.device,
 ) -> SkipPipe:
-    """The job's SkipPipe paths, costed by each stage's FLOPs at this device's measured matmul
-    throughput (the output layer and loss on the data node), over `links`."""
-    m, t = job.model, job.train
+    """The job's SkipPipe paths, costed by each stage's FLOPs at `compute_tflops` or this
+    device's measured matmul throughput (the output layer and loss on the data node), over
+    `links`."""
+    m, t, tflops = job.model, job.train, job.parallel.skippipe.compute_tflops
     tokens = job.train.global_batch_size // (dims.dp * accumulation) * t.seq_len
-    seconds = tokens / (matmul_flops_per_second(device) * dims.tp)
+    speed = tflops * 1e12 if tflops else matmul_flops_per_second(device)
+    seconds = tokens / (speed * dims.tp)
     forward = [len(blocks) * block_flops(m, t.seq_len) * seconds for blocks in layers[:-1]]
     loss = output_flops(m) * seconds
     return SkipPipe.plan_paths(

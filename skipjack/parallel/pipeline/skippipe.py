@@ -12,6 +12,7 @@ network does not change between steps, and neither do they.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +109,20 @@ class SkipPipe:
             f"predicted iteration {self.plan_seconds:.3g} s against {self.full_seconds:.3g} s "
             "for whole pipelines (path simulator)"
         )
+
+    # a checkpoint part: a resume runs the paths it saved (a checkpoint without one keeps these)
+    optional = True
+
+    def state_dict(self) -> dict:
+        paths = {"routes": self.routes, "priority": self.priority}
+        return {"paths": json.dumps(paths), "seconds": [self.plan_seconds, self.full_seconds]}
+
+    def load_state_dict(self, state: dict) -> None:
+        paths = json.loads(state["paths"])
+        self.routes = [[[tuple(hop) for hop in route] for route in r] for r in paths["routes"]]
+        priority = paths["priority"]
+        self.priority = None if priority is None else [[tuple(t) for t in p] for p in priority]
+        self.plan_seconds, self.full_seconds = map(float, state["seconds"])
 
     def plan(self, step: int) -> StepPlan:
         """The plan of optimizer step `step`: the paths, or the whole pipeline every
