@@ -138,6 +138,12 @@ def test_default_job_is_valid():
             "parallel.skippipe.enabled",
             "parallel.vocab_parallel=none",
         ),
+        (
+            ["parallel.pp=2", "parallel.skippipe.enabled=true", "parallel.partition=redistribute"],
+            2,
+            "parallel.partition",
+            "on the data node",
+        ),
         (["eval.stages=[0]", "eval.layers=[1]"], 1, "eval.stages", "not both"),
         (["eval.layers=[4]"], 1, "eval.layers", "not layers of a 4-layer model"),
     ],

@@ -31,7 +31,8 @@ class SkipPipeConfig:
     # which layout node (replica x pp + stage) sits on which node of the profile: in layout
     # order, or searched to make data-parallel and pipeline links cheap (allocate.py)
     allocation: Allocation = Allocation.layout
-    # compute speed the planner assumes per node, TFLOP/s; 0: measured at start-up (the plan
+    # compute speed the planner assumes per node (its tp ranks together), TFLOP/s; 0: rank 0's
+    # matmul throughput x tp, measured at start-up (the plan
     # is saved in checkpoints, so a resume runs the same paths; set it for plans that are the
     # same in every run and layout)
     compute_tflops: float = 0.0
@@ -98,6 +99,12 @@ def validate_skippipe(p: ParallelConfig) -> None:
         )
     if p.vpp != 1:
         raise ConfigError(f"{name}.enabled", "SkipPipe runs one model chunk per stage; set vpp=1")
+    if p.partition == "redistribute":
+        raise ConfigError(
+            "parallel.partition",
+            "redistribute charges the output layer to the last stage; under SkipPipe it is on "
+            "the data node: use partition=even or layers_per_stage",
+        )
 
 
 def resolve_dp(p: ParallelConfig, world_size: int) -> int:

@@ -9,7 +9,7 @@ import time
 import torch
 
 from skipjack.batch import MicroBatch
-from skipjack.config import ModelConfig, TrainJobConfig
+from skipjack.config import ConfigError, ModelConfig, TrainJobConfig
 from skipjack.models.llama import Llama, Stage, VocabShards, block_flops, output_flops
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.comm import P2P, Emulator
@@ -128,9 +128,15 @@ def build_pipeline(
     """
     p, m = job.parallel, job.model
     vocab_parallel = p.vocab_parallel != "none"
+    if not links.free() and device.type == "cuda":
+        raise ConfigError(
+            "parallel.skippipe.network",
+            "network emulation delays gloo sends from a thread; NCCL matches a pair's messages "
+            "in issue order and batches them per group, so emulate on CPU (network=none here)",
+        )
     if p.skippipe.enabled:
         full = StepPlan.full(1, accumulation, p.pp + 1).places(p.pp + 1)
-        schedule = schedule_from_routes(p.pp, full, head=True)
+        schedule = schedule_from_routes(p.pp, full, in_flight=p.skippipe.memory, head=True)
     else:
         warmup = EXTRA_WARMUP[p.vocab_parallel]
         schedule = build_schedule(p.schedule, p.pp, accumulation, p.vpp, warmup)
@@ -199,8 +205,8 @@ def build_skippipe(
     `links`."""
     m, t, tflops = job.model, job.train, job.parallel.skippipe.compute_tflops
     tokens = job.train.global_batch_size // (dims.dp * accumulation) * t.seq_len
-    speed = tflops * 1e12 if tflops else matmul_flops_per_second(device)
-    seconds = tokens / (speed * dims.tp)
+    speed = tflops * 1e12 if tflops else matmul_flops_per_second(device) * dims.tp  # a node's
+    seconds = tokens / speed
     forward = [len(blocks) * block_flops(m, t.seq_len) * seconds for blocks in layers[:-1]]
     loss = output_flops(m) * seconds
     return SkipPipe.plan_paths(

@@ -181,8 +181,6 @@ class Trainer:
                 f"skipjack: optimizer {job.optim.name}: "
                 f"{planned_state_bytes(self.engine.optimizer) / 2**20:.2f} MiB of state on rank 0"
             )
-            if getattr(self.engine, "skippipe", None) is not None:
-                print(f"skipjack: {self.engine.skippipe.describe()}")
         self.state = training_state(self.engine, self.loader)
         self.checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, self.lead)
         restored = self.checkpoints.restore(self.state)
@@ -200,6 +198,8 @@ class Trainer:
             load_model(self.state, job.model, job.model.init_from, dims.group("checkpoint"))
             if self.lead:
                 print(f"skipjack: weights from {job.model.init_from}")
+        if self.lead and getattr(self.engine, "skippipe", None) is not None:
+            print(f"skipjack: {self.engine.skippipe.describe()}")  # the paths it runs
 
     def run(self) -> dict:
         """The loop, then the end of the run; returns a summary (run dir, first/last validation

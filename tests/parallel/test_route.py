@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from skipjack.config import ConfigError
 from skipjack.parallel.pipeline.allocate import allocate, bottleneck, tour
 from skipjack.parallel.pipeline.network import load_links
 from skipjack.parallel.pipeline.paths import (
@@ -227,3 +228,27 @@ def test_the_runtime_schedule_follows_the_planned_orders(dp, pp, length):
         lambda a, b: links.seconds(a, b, message),
     )  # fmt: skip
     assert simulate(schedule, cost).makespan == pytest.approx(plan.makespan, rel=1e-9)
+
+
+def test_skippipe_paths_round_trip_through_a_checkpoint_only_for_the_same_settings():
+    from skipjack.config.parallel import SkipPipeConfig
+    from skipjack.parallel.pipeline.skippipe import SkipPipe
+
+    def planned(**fields):
+        config = SkipPipeConfig(enabled=True, skip_ratio=0.34, max_swaps=1, **fields)
+        links = load_links("geo", 6)
+        return SkipPipe.plan_paths(config, 2, 3, 4, links, [0.01] * 3, 0.004, 2**16)
+
+    saved = planned().state_dict()
+    other = planned()
+    other.routes = []
+    other.load_state_dict(saved)
+    assert other.routes == planned().routes and other.plan(1).priority is not None
+    changed = planned(memory=2)
+    before = changed.routes
+    with pytest.warns(UserWarning, match="planned for other settings"):
+        changed.load_state_dict(saved)
+    assert changed.routes == before
+    with pytest.raises(ConfigError, match="at least one layer"):
+        SkipPipe.plan_paths(SkipPipeConfig(enabled=True), 2, 3, 4, load_links("none", 6),
+                            [0.0, 0.01, 0.01], 0.004, 2**16)  # fmt: skip
