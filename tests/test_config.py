@@ -115,6 +115,14 @@ def test_default_job_is_valid():
         (["launch=torchrun", "launch.nodes=2"], 1, "launch.rdzv_endpoint", "host:port"),
         (["launch=slurm", "launch.max_restarts=-1"], 1, "launch.max_restarts", ">= 0"),
         (["launch=ray", "launch.num_workers=0"], 1, "launch.num_workers", "> 0"),
+        (["checkpoint.memory.interval=-1"], 1, "checkpoint.memory.interval", ">= 0"),
+        (["checkpoint.memory.linger=0"], 1, "checkpoint.memory.linger", "> 0"),
+        (
+            ["checkpoint.memory.interval=1", "checkpoint.memory.root=/no/such"],
+            1,
+            "checkpoint.memory.root",
+            "give a tmpfs",
+        ),
         *[
             (
                 ["parallel.pp=2", "parallel.skippipe.enabled=true", f"parallel.skippipe.{o}"],

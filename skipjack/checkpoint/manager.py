@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch.distributed as dist
 
+from skipjack.checkpoint.memory import MemoryTier
 from skipjack.checkpoint.persistent import PersistentTier
 from skipjack.checkpoint.sharded import CheckpointError
 from skipjack.checkpoint.state import State
@@ -48,8 +49,11 @@ class CheckpointManager:
     def for_job(
         cls, cfg: CheckpointConfig, model: ModelConfig, dims: ParallelDims, lead: bool
     ) -> CheckpointManager:
-        """The tiers `cfg` configures: the persistent one."""
-        return cls([PersistentTier(cfg, model, dims, lead)], dims.group("checkpoint"), lead)
+        """The tiers `cfg` configures: memory snapshots first where on, then the persistent
+        tier."""
+        group = dims.group("checkpoint")
+        memory = [MemoryTier(cfg, group)] if cfg.memory.interval > 0 else []
+        return cls([*memory, PersistentTier(cfg, model, dims, lead)], group, lead)
 
     def due(self, step: int) -> bool:
         return any(tier.due(step) for tier in self.tiers)

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from skipjack.config.errors import ConfigError, positive
+
+
+@dataclass
+class MemoryConfig:
+    """In-memory snapshots (docs/fault-tolerance.md). `interval`: steps between snapshots, 0
+    for none; `ranks_per_node`: the ranks sharing one snapshot agent (0: LOCAL_WORLD_SIZE, the
+    ranks of a machine); `linger`: seconds the agent keeps the snapshots once no trainer of its
+    node runs (after a crash the job has that long to restart); `root`: where the snapshot files
+    live (a tmpfs)."""
+
+    interval: int = 0
+    ranks_per_node: int = 0
+    linger: float = 300.0
+    root: str = "/dev/shm"
 
 
 @dataclass
@@ -18,12 +32,23 @@ class CheckpointConfig:
     dir: str = "${train.output_dir}/checkpoints"
     keep_last: int = 3
     resume: str = "auto"
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 def validate_checkpoint(c: CheckpointConfig) -> None:
     if c.interval < 0:
         raise ConfigError("checkpoint.interval", f"must be >= 0 (0: no saves), got {c.interval}")
     positive("checkpoint.keep_last", c.keep_last)
+    m = c.memory
+    if m.interval < 0 or m.ranks_per_node < 0:
+        raise ConfigError(
+            "checkpoint.memory.interval",
+            f"interval and ranks_per_node must be >= 0 (0: off / per machine), got "
+            f"{m.interval} and {m.ranks_per_node}",
+        )
+    positive("checkpoint.memory.linger", m.linger)
+    if m.interval and not Path(m.root).is_dir():
+        raise ConfigError("checkpoint.memory.root", f"{m.root} is not a directory; give a tmpfs")
     if c.resume not in ("auto", "none") and not Path(c.resume).expanduser().exists():
         raise ConfigError(
             "checkpoint.resume",

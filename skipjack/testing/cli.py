@@ -35,22 +35,29 @@ def run_skipjack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Comp
 
 
 def run_under_torchrun(
-    *args: str, nproc: int, cwd: Path, timeout: float = 600
+    *args: str,
+    nproc: int,
+    cwd: Path,
+    timeout: float = 600,
+    torchrun_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node=<nproc> -m skipjack.cli <args>`: skipjack as any
     launcher that sets the rank variables starts it, with no help from skipjack's launchers."""
-    torchrun = [BIN / "torchrun", "--standalone", f"--nproc-per-node={nproc}"]
-    return _run([*torchrun, "-m", "skipjack.cli", *args], cwd, timeout)
+    torchrun = [BIN / "torchrun", "--standalone", f"--nproc-per-node={nproc}", *torchrun_args]
+    return _run([*torchrun, "-m", "skipjack.cli", *args], cwd, timeout, env)
 
 
-def _run(cmd: list, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list, cwd: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
         cmd,
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "COLUMNS": "120"},
+        env={**os.environ, "COLUMNS": "120", **(env or {})},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -29,6 +29,7 @@ from skipjack.optim.builder import planned_state_bytes, state_bytes
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.trainer.engine import Engine, NativeEngine, StepResult
+from skipjack.trainer.faults import inject_fault
 from skipjack.trainer.metrics import Metrics
 
 
@@ -221,6 +222,7 @@ class Trainer:
         step_tokens = t.global_batch_size * t.seq_len
         for step in range(self.start + 1, t.steps + 1):
             started = time.perf_counter()
+            inject_fault(self.dims.rank, step)
             plan = self.plan(step)
             result = train_step(engine, self.loader, step, self.checkpoints, self.state, plan)
             seconds = time.perf_counter() - started

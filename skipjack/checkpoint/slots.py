@@ -1,0 +1,149 @@
+"""One rank's in-memory snapshots as files: two slots, so that a crash in the middle of writing
+one leaves the other whole.
+
+A snapshot is a flat training state (`<part>/<key>` -> tensor or plain value, as `sharded.flatten`
+makes it): every tensor's bytes go one after another into the slot's file (on /dev/shm a plain
+memory copy), plain values are pickled into the manifest. The manifest (`rank<r>.json`) names
+both slots with their steps and is replaced atomically (temporary name, then rename) only after
+the slot's bytes are written, so a reader sees the old snapshot or the new one, never a torn
+one. Tensors are read back into the state's own tensors, in place.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor
+
+from skipjack.atomic import write_text
+
+
+def _local(value) -> torch.Tensor | None:
+    if isinstance(value, DTensor):
+        return value.to_local()
+    return value if torch.is_tensor(value) else None
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+class Slots:
+    """Rank `rank`'s two snapshot slots in `directory`."""
+
+    def __init__(self, directory: Path, rank: int):
+        self.directory, self.rank = directory, rank
+        self.manifest = directory / f"rank{rank}.json"
+
+    def slot_file(self, slot: int) -> Path:
+        return self.directory / f"rank{self.rank}.slot{slot}"
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"slots": [None, None], "current": None}
+
+    def steps(self) -> dict[int, int]:
+        """step -> slot of every snapshot whose file is whole."""
+        manifest, out = self.read_manifest(), {}
+        for slot, meta in enumerate(manifest["slots"]):
+            path = self.slot_file(slot)
+            if meta is not None and path.is_file() and path.stat().st_size == meta["size"]:
+                out[meta["step"]] = slot
+        return out
+
+    def write(self, step: int, flat: dict) -> None:
+        """Copy `flat` into the slot not holding the newest snapshot, then name it in the
+        manifest (the previous snapshot stays whole until then)."""
+        manifest = self.read_manifest()
+        slot = 0 if manifest["current"] is None else 1 - manifest["current"]
+        entries, objects, offset = [], {}, 0
+        tensors = []
+        for key, value in flat.items():
+            tensor = _local(value)
+            if tensor is None:
+                objects[key] = value
+                continue
+            nbytes = tensor.numel() * tensor.element_size()
+            entries.append([key, str(tensor.dtype), list(tensor.shape), offset, nbytes])
+            tensors.append((tensor, offset, nbytes))
+            offset += nbytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.slot_file(slot)
+        manifest["slots"][slot] = None  # while it is rewritten, the slot holds nothing
+        self._write_manifest(manifest)
+        with open(path, "wb") as f:
+            f.truncate(offset)
+        if offset:
+            buffer = np.memmap(path, dtype=np.uint8, mode="r+", shape=(offset,))
+            view = torch.from_numpy(buffer)
+            for tensor, start, nbytes in tensors:
+                view[start : start + nbytes].copy_(_bytes_of(tensor.cpu()))
+            buffer.flush()
+            del view, buffer
+        pickled = base64.b64encode(pickle.dumps(objects)).decode()
+        manifest["slots"][slot] = {
+            "step": step, "size": offset, "entries": entries, "objects": pickled,
+        }  # fmt: skip
+        manifest["current"] = slot
+        self._write_manifest(manifest)
+
+    def read(self, step: int, flat: dict) -> None:
+        """Fill `flat`'s tensors in place, and its plain values, from the snapshot of `step`."""
+        slot = self.steps()[step]
+        meta = self.read_manifest()["slots"][slot]
+        objects = pickle.loads(base64.b64decode(meta["objects"]))
+        saved = {entry[0]: entry for entry in meta["entries"]}
+        missing = [k for k in flat if k not in saved and k not in objects]
+        if missing:
+            raise KeyError(f"the snapshot of step {step} has no {missing[0]}")
+        buffer = np.memmap(self.slot_file(slot), dtype=np.uint8, mode="r") if meta["size"] else None
+        for key, value in flat.items():
+            tensor = _local(value)
+            if tensor is None:
+                flat[key] = objects[key]
+                continue
+            _, dtype, shape, start, nbytes = saved[key]
+            if list(tensor.shape) != shape or str(tensor.dtype) != dtype:
+                raise ValueError(
+                    f"{key}: the snapshot holds {dtype} {shape}, this run {tensor.dtype} "
+                    f"{list(tensor.shape)}"
+                )
+            raw = torch.from_numpy(np.array(buffer[start : start + nbytes]))
+            with torch.no_grad():
+                tensor.copy_(raw.view(tensor.dtype).view(tensor.shape))
+
+    def remove(self) -> None:
+        for path in (self.manifest, self.slot_file(0), self.slot_file(1)):
+            path.unlink(missing_ok=True)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        write_text(self.manifest, json.dumps(manifest))
+
+
+def flat_state(state: dict) -> dict:
+    """The flat snapshot of a training state's parts (`<part>/<key>`)."""
+    return {f"{part}/{key}": v for part, s in state.items() for key, v in s.state_dict().items()}
+
+
+def load_flat(state: dict, flat: dict) -> None:
+    """Hand every part of `state` its entries of `flat`."""
+    for part, s in state.items():
+        prefix = f"{part}/"
+        s.load_state_dict({k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)})
+
+
+def environment_job_id() -> str | None:
+    """The launcher's id of this job, the same across restarts of its ranks."""
+    for name in ("SKIPJACK_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(name)
+        if value and value != "none":
+            return value
+    return None

@@ -1,0 +1,119 @@
+"""The snapshot agent: one process per node that owns the node's snapshot directory under
+/dev/shm and outlives the trainers.
+
+The node's first rank starts it (`ensure_agent`) in its own session, so that a launcher killing
+its workers' process group (torchrun does) leaves it running; it survives a crash of every
+trainer of the node and keeps their snapshots (files in /dev/shm, not
+`multiprocessing.shared_memory`, whose segments the resource tracker unlinks when their creator
+dies) for the restarted ranks. Every trainer registers its pid; the agent removes the directory
+and exits when the job ends (`stop_agent`: a `stop` file) or when no registered trainer has been
+alive for `linger` seconds (a job that crashed for good), so it leaves nothing behind either
+way.
+
+    python -m skipjack.checkpoint.snapshot <directory> [--linger SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POLL = 0.2  # seconds between the agent's looks at its directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def agent_pid(directory: Path) -> int | None:
+    """The pid of `directory`'s agent if it runs."""
+    pid = _pid(directory / "agent.pid")
+    return pid if pid is not None and _alive(pid) else None
+
+
+def ensure_agent(directory: Path, linger: float) -> int:
+    """Start `directory`'s agent unless it runs; returns its pid."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pid = agent_pid(directory)
+    if pid is not None:
+        return pid
+    (directory / "stop").unlink(missing_ok=True)
+    log = open(directory / "agent.log", "ab")  # noqa: SIM115 (the agent's own from here on)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "skipjack.checkpoint.snapshot", str(directory), "--linger",
+         str(linger)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    deadline = time.monotonic() + 30
+    while agent_pid(directory) != process.pid:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the snapshot agent of {directory} did not start; see agent.log")
+        time.sleep(0.01)
+    return process.pid
+
+
+def register_trainer(directory: Path, rank: int) -> None:
+    trainers = directory / "trainers"
+    trainers.mkdir(parents=True, exist_ok=True)
+    (trainers / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+
+def stop_agent(directory: Path, timeout: float = 30.0) -> None:
+    """Ask `directory`'s agent to clean up and exit; wait until it has."""
+    pid = agent_pid(directory)
+    if pid is None:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    (directory / "stop").touch()
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(POLL / 4)
+
+
+def run_agent(directory: Path, linger: float) -> None:
+    (directory / "agent.pid").write_text(str(os.getpid()))
+    last_seen = time.monotonic()
+    while True:
+        if (directory / "stop").exists():
+            break
+        pids = [_pid(p) for p in (directory / "trainers").glob("*.pid")]
+        if any(pid is not None and _alive(pid) for pid in pids):
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen > linger:
+            break
+        time.sleep(POLL)
+    shutil.rmtree(directory, ignore_errors=True)
+    parent = directory.parent
+    if parent.name.startswith("skipjack-") and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="skipjack's per-node snapshot agent")
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--linger", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    run_agent(args.directory, args.linger)
+
+
+if __name__ == "__main__":
+    main()
