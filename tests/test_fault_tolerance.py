@@ -35,3 +35,34 @@ def test_a_killed_rank_restarts_from_the_memory_tier_bitwise(tmp_path, monkeypat
     for name in ("straight", "killed"):  # the agents removed the snapshots at the end
         monkeypatch.setenv("SKIPJACK_JOB_ID", f"{name}-{os.getpid()}")
         assert not node_directory(CheckpointConfig(), 0).parent.exists()
+
+
+NODES = [
+    *("experiment=smoke", "logging.plot=false", "logging.progress=false", "parallel.dp=3"),
+    *("train.steps=6", "train.val_interval=6", "train.global_batch_size=6"),
+    *("checkpoint=sharded", "checkpoint.interval=2", "checkpoint.memory.interval=1"),
+    *("checkpoint.memory.ranks_per_node=1", "checkpoint.memory.group_size=3"),
+]
+
+
+def test_a_lost_node_is_rebuilt_from_parity_and_two_fall_back_to_the_persistent_tier(tmp_path):
+    """Three one-rank nodes in one parity group (k=2, m=1): node 1 lost (rank, agent and
+    snapshots) is rebuilt from the other two; nodes 0 and 1 lost is beyond the parity, so the
+    job resumes from the persistent tier and says so. Losses bitwise the uninterrupted run's."""
+
+    def train(name: str, **env: str):
+        env = {"SKIPJACK_JOB_ID": f"{name}-{os.getpid()}", **env}
+        result = run_under_torchrun(
+            "train", *NODES, f"hydra.run.dir={name}", nproc=3, cwd=tmp_path,
+            torchrun_args=("--max-restarts=1",), env=env,
+        )  # fmt: skip
+        rows = read_metrics(tmp_path / name)
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}, result.stdout
+
+    straight, _ = train("straight")
+    restart = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    one, out = train("one", SKIPJACK_KILL="1@4:node", **restart)
+    assert "of the memory tier" in out and "rebuilt the snapshots of node(s) [1]" in out
+    assert one == straight
+    two, out = train("two", SKIPJACK_KILL="0@4:node,1@4:node", **restart)
+    assert "(step 2) of the persistent tier" in out and two == straight

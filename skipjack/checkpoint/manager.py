@@ -55,6 +55,9 @@ class CheckpointManager:
         memory = [MemoryTier(cfg, group)] if cfg.memory.interval > 0 else []
         return cls([*memory, PersistentTier(cfg, model, dims, lead)], group, lead)
 
+    def tier(self, name: str | None) -> Tier | None:
+        return next((tier for tier in self.tiers if tier.name == name), None)
+
     def due(self, step: int) -> bool:
         return any(tier.due(step) for tier in self.tiers)
 
@@ -105,5 +108,8 @@ class CheckpointManager:
             tier.wait()
 
     def close(self) -> None:
+        """Finish every save in flight before any tier closes: their background threads use
+        the same process group."""
+        self.wait()
         for tier in self.tiers:
             tier.close()

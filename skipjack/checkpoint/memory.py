@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from skipjack.checkpoint.parity import NodeGroup
 from skipjack.checkpoint.slots import Slots, environment_job_id, flat_state, load_flat
 from skipjack.checkpoint.snapshot import ensure_agent, register_trainer, stop_agent
 from skipjack.checkpoint.state import State
-from skipjack.config import CheckpointConfig
+from skipjack.config import CheckpointConfig, ConfigError
 
 SHM = Path("/dev/shm")
 
@@ -44,13 +45,25 @@ class MemoryTier:
         )
         self.node, first = divmod(rank, per_node)
         self.directory = node_directory(cfg, self.node)
+        m, nodes = cfg.memory, dist.get_world_size() // per_node
+        self.parity = None
+        if m.group_size > 1:
+            if nodes % m.group_size:
+                raise ConfigError(
+                    "checkpoint.memory.group_size",
+                    f"{nodes} nodes of {per_node} ranks do not split into groups of {m.group_size}",
+                )
+            shape = [nodes, per_node, m.group_size, m.parity]
+            self.parity = NodeGroup(self.directory.parent, self.node, *shape)
         if first == 0:
-            ensure_agent(self.directory, cfg.memory.linger)
+            ensure_agent(self.directory, m.linger, shape if self.parity else None)
         dist.barrier(group=group)
         register_trainer(self.directory, rank)
         self.slots = Slots(self.directory, rank)
         self.local_first = first == 0
         self._step: int | None = None
+        self.rebuilt: list[int] = []  # nodes whose snapshots the last restore rebuilt
+        self.held = False  # whether any rank held a snapshot when `newest` looked
 
     def due(self, step: int) -> bool:
         return self.cfg.memory.interval > 0 and step % self.cfg.memory.interval == 0
@@ -60,10 +73,23 @@ class MemoryTier:
         self.slots.write(step, flat_state(state))
 
     def newest(self) -> int | None:
-        """The newest step every rank holds a whole snapshot of (collective)."""
+        """The newest step every rank holds a whole snapshot of, after rebuilding the snapshots
+        of lost nodes where their groups' parity allows (collective)."""
         steps: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(steps, sorted(self.slots.steps()), group=self.group)
         common = set(steps[0]).intersection(*map(set, steps[1:]))
+        self.held = any(steps)  # some rank had a snapshot
+        if self.parity is not None:
+            decision: list = [rebuild_plan(self.parity, steps) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(decision, src=0)
+            step, lost = decision[0]
+            if step is not None and (not common or step > max(common)):
+                if self.node in lost and self.local_first:
+                    members = self.parity.members
+                    self.parity.rebuild(step, {members.index(n) for n in lost if n in members})
+                dist.barrier(group=self.group)
+                self.rebuilt = sorted(lost)
+                common = {step}
         self._step = max(common) if common else None
         return self._step
 
@@ -87,3 +113,23 @@ class MemoryTier:
         dist.barrier(group=self.group)
         if self.local_first:
             stop_agent(self.directory)
+
+
+def rebuild_plan(parity: NodeGroup, steps: list[list[int]]) -> tuple[int | None, list[int]]:
+    """On rank 0: the newest step every node holds or its group can rebuild, and the nodes to
+    rebuild (`steps[rank]`: the steps that rank holds)."""
+    per_node, size, m = parity.per_node, parity.size, parity.group.parity
+    nodes = len(steps) // per_node
+    held = [
+        set.intersection(*(set(steps[r]) for r in range(n * per_node, (n + 1) * per_node)))
+        for n in range(nodes)
+    ]
+    for step in sorted(set().union(*held), reverse=True):
+        lost = [n for n in range(nodes) if step not in held[n]]
+        groups: dict[int, tuple[NodeGroup, set[int]]] = {}
+        for n in lost:
+            view = NodeGroup(parity.root, n, nodes, per_node, size, m)
+            groups.setdefault(view.members[0], (view, set()))[1].add(view.index)
+        if all(view.rebuildable(step, indices) for view, indices in groups.values()):
+            return step, lost
+    return None, []

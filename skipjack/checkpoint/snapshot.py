@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-POLL = 0.2  # seconds between the agent's looks at its directory
+from skipjack.checkpoint.parity import NodeGroup
+
+POLL = 0.05  # seconds between the agent's looks at its directory
 
 
 def _alive(pid: int) -> bool:
@@ -49,8 +51,9 @@ def agent_pid(directory: Path) -> int | None:
     return pid if pid is not None and _alive(pid) else None
 
 
-def ensure_agent(directory: Path, linger: float) -> int:
-    """Start `directory`'s agent unless it runs; returns its pid."""
+def ensure_agent(directory: Path, linger: float, group: list[int] | None = None) -> int:
+    """Start `directory`'s agent unless it runs; returns its pid. `group`: (nodes, ranks per
+    node, group size, parity) when the agent makes parity (parity.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     pid = agent_pid(directory)
     if pid is not None:
@@ -59,7 +62,7 @@ def ensure_agent(directory: Path, linger: float) -> int:
     log = open(directory / "agent.log", "ab")  # noqa: SIM115 (the agent's own from here on)
     process = subprocess.Popen(
         [sys.executable, "-m", "skipjack.checkpoint.snapshot", str(directory), "--linger",
-         str(linger)],
+         str(linger), *(["--group", *map(str, group)] if group else [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )  # fmt: skip
     log.close()
@@ -89,12 +92,22 @@ def stop_agent(directory: Path, timeout: float = 30.0) -> None:
         time.sleep(POLL / 4)
 
 
-def run_agent(directory: Path, linger: float) -> None:
+def run_agent(directory: Path, linger: float, group: list[int] | None = None) -> None:
     (directory / "agent.pid").write_text(str(os.getpid()))
     last_seen = time.monotonic()
+    parity, state = None, {}
+    if group:
+        nodes, per_node, size, m = group
+        node = int(directory.name.removeprefix("node"))
+        parity = NodeGroup(directory.parent, node, nodes, per_node, size, m)
     while True:
         if (directory / "stop").exists():
             break
+        if parity is not None:
+            try:
+                parity.advance(state)
+            except Exception as error:  # a peer's files mid-write, a node gone: next look
+                print(f"snapshot agent: {type(error).__name__}: {error}", flush=True)
         pids = [_pid(p) for p in (directory / "trainers").glob("*.pid")]
         if any(pid is not None and _alive(pid) for pid in pids):
             last_seen = time.monotonic()
@@ -102,17 +115,18 @@ def run_agent(directory: Path, linger: float) -> None:
             break
         time.sleep(POLL)
     shutil.rmtree(directory, ignore_errors=True)
-    parent = directory.parent
-    if parent.name.startswith("skipjack-") and not any(parent.iterdir()):
-        parent.rmdir()
+    parent = directory.parent  # the job's: gone with its last node (group files included)
+    if parent.name.startswith("skipjack-") and not any(parent.glob("node*")):
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="skipjack's per-node snapshot agent")
     parser.add_argument("directory", type=Path)
     parser.add_argument("--linger", type=float, default=300.0)
+    parser.add_argument("--group", type=int, nargs=4, metavar=("NODES", "PER_NODE", "SIZE", "M"))
     args = parser.parse_args(argv)
-    run_agent(args.directory, args.linger)
+    run_agent(args.directory, args.linger, args.group)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,15 @@ from skipjack.config.errors import ConfigError, positive
 class MemoryConfig:
     """In-memory snapshots (docs/fault-tolerance.md). `interval`: steps between snapshots, 0
     for none; `ranks_per_node`: the ranks sharing one snapshot agent (0: LOCAL_WORLD_SIZE, the
-    ranks of a machine); `linger`: seconds the agent keeps the snapshots once no trainer of its
-    node runs (after a crash the job has that long to restart); `root`: where the snapshot files
-    live (a tmpfs)."""
+    ranks of a machine); `group_size` nodes (1: none) share parity so that any `parity` of them
+    can be lost; `linger`: seconds the agent keeps the snapshots once no trainer of its node runs
+    (after a crash the job has that long to restart); `root`: where the snapshot files live (a
+    tmpfs)."""
 
     interval: int = 0
     ranks_per_node: int = 0
+    group_size: int = 1
+    parity: int = 1
     linger: float = 300.0
     root: str = "/dev/shm"
 
@@ -47,6 +50,12 @@ def validate_checkpoint(c: CheckpointConfig) -> None:
             f"{m.interval} and {m.ranks_per_node}",
         )
     positive("checkpoint.memory.linger", m.linger)
+    positive("checkpoint.memory.group_size", m.group_size)
+    if m.group_size > 1 and not 1 <= m.parity < m.group_size:
+        raise ConfigError(
+            "checkpoint.memory.parity",
+            f"a group of {m.group_size} nodes takes 1 to {m.group_size - 1} parity, not {m.parity}",
+        )
     if m.interval and not Path(m.root).is_dir():
         raise ConfigError("checkpoint.memory.root", f"{m.root} is not a directory; give a tmpfs")
     if c.resume not in ("auto", "none") and not Path(c.resume).expanduser().exists():

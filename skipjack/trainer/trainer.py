@@ -186,6 +186,13 @@ class Trainer:
         self.checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, self.lead)
         restored = self.checkpoints.restore(self.state)
         self.start, self.restored = 0, restored is not None
+        memory = self.checkpoints.tier("memory")
+        if restored is None and memory is not None and memory.held and self.lead:
+            print(
+                "skipjack: the memory tier holds no snapshot every rank has or can rebuild "
+                "(nodes lost beyond the parity?) and no persistent checkpoint was found: "
+                "starting fresh"
+            )
         if restored is not None:
             progress = self.state["trainer"]
             self.start = progress.step
@@ -195,12 +202,23 @@ class Trainer:
                     f"skipjack: resumed from {self.checkpoints.restored_from} "
                     f"(step {self.start}) of the {self.checkpoints.restored_tier} tier"
                 )
+                rebuilt = getattr(
+                    self.checkpoints.tier(self.checkpoints.restored_tier), "rebuilt", []
+                )
+                if rebuilt:
+                    print(f"skipjack: rebuilt the snapshots of node(s) {rebuilt} from parity")
         elif job.model.init_from:
             load_model(self.state, job.model, job.model.init_from, dims.group("checkpoint"))
             if self.lead:
                 print(f"skipjack: weights from {job.model.init_from}")
         if self.lead and getattr(self.engine, "skippipe", None) is not None:
             print(f"skipjack: {self.engine.skippipe.describe()}")  # the paths it runs
+
+    @property
+    def _snapshots(self) -> Path | None:
+        """This rank's node's snapshot directory, under the memory tier."""
+        memory = self.checkpoints.tier("memory")
+        return memory.directory if memory is not None else None
 
     def run(self) -> dict:
         """The loop, then the end of the run; returns a summary (run dir, first/last validation
@@ -222,7 +240,7 @@ class Trainer:
         step_tokens = t.global_batch_size * t.seq_len
         for step in range(self.start + 1, t.steps + 1):
             started = time.perf_counter()
-            inject_fault(self.dims.rank, step)
+            inject_fault(self.dims.rank, step, self._snapshots)
             plan = self.plan(step)
             result = train_step(engine, self.loader, step, self.checkpoints, self.state, plan)
             seconds = time.perf_counter() - started
