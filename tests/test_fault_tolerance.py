@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 JOB = [
     *("experiment=smoke", "logging.plot=false", "logging.progress=false", "parallel.dp=2"),
-    *("train.steps=5", "train.val_interval=5", "checkpoint.memory.interval=1"),
+    *("train.steps=5", "train.val_interval=5", "train.val_batches=1"),
+    "checkpoint.memory.interval=1",
 ]
 
 
@@ -39,7 +40,8 @@ def test_a_killed_rank_restarts_from_the_memory_tier_bitwise(tmp_path, monkeypat
 
 NODES = [
     *("experiment=smoke", "logging.plot=false", "logging.progress=false", "parallel.dp=3"),
-    *("train.steps=6", "train.val_interval=6", "train.global_batch_size=6"),
+    *("train.steps=5", "train.val_interval=5", "train.val_batches=1"),
+    "train.global_batch_size=6",
     *("checkpoint=sharded", "checkpoint.interval=2", "checkpoint.memory.interval=1"),
     *("checkpoint.memory.ranks_per_node=1", "checkpoint.memory.group_size=3"),
 ]
