@@ -19,18 +19,24 @@ JOB = [
 ]
 
 
-def test_a_killed_rank_restarts_from_the_memory_tier_bitwise(tmp_path, monkeypatch):
-    def train(name: str, **env: str):
-        env = {"SKIPJACK_JOB_ID": f"{name}-{os.getpid()}", **env}
-        result = run_under_torchrun(
-            "train", *JOB, f"hydra.run.dir={name}", nproc=2, cwd=tmp_path,
-            torchrun_args=("--max-restarts=1",), env=env,
-        )  # fmt: skip
-        rows = read_metrics(tmp_path / name)
-        return {r["step"]: r["loss"] for r in rows if "loss" in r}, result.stdout
+RESTART = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # restarted ranks rejoin on torch 2.13
 
-    straight, _ = train("straight")
-    recovered, out = train("killed", SKIPJACK_KILL="1@3", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+
+def train(tmp_path, job: list[str], nproc: int, name: str, **env: str) -> tuple[dict, str]:
+    """The job under `torchrun --max-restarts=1` in run directory `name`: its losses by step
+    and its output."""
+    env = {"SKIPJACK_JOB_ID": f"{name}-{os.getpid()}", **env}
+    result = run_under_torchrun(
+        "train", *job, f"hydra.run.dir={name}", nproc=nproc, cwd=tmp_path,
+        torchrun_args=("--max-restarts=1",), env=env,
+    )  # fmt: skip
+    rows = read_metrics(tmp_path / name)
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, result.stdout
+
+
+def test_a_killed_rank_restarts_from_the_memory_tier_bitwise(tmp_path, monkeypatch):
+    straight, _ = train(tmp_path, JOB, 2, "straight")
+    recovered, out = train(tmp_path, JOB, 2, "killed", SKIPJACK_KILL="1@3", **RESTART)
     assert "(step 2) of the memory tier" in out
     assert recovered == straight and sorted(straight) == [1, 2, 3, 4, 5]
     for name in ("straight", "killed"):  # the agents removed the snapshots at the end
@@ -51,20 +57,9 @@ def test_a_lost_node_is_rebuilt_from_parity_and_two_fall_back_to_the_persistent_
     """Three one-rank nodes in one parity group (k=2, m=1): node 1 lost (rank, agent and
     snapshots) is rebuilt from the other two; nodes 0 and 1 lost is beyond the parity, so the
     job resumes from the persistent tier and says so. Losses bitwise the uninterrupted run's."""
-
-    def train(name: str, **env: str):
-        env = {"SKIPJACK_JOB_ID": f"{name}-{os.getpid()}", **env}
-        result = run_under_torchrun(
-            "train", *NODES, f"hydra.run.dir={name}", nproc=3, cwd=tmp_path,
-            torchrun_args=("--max-restarts=1",), env=env,
-        )  # fmt: skip
-        rows = read_metrics(tmp_path / name)
-        return {r["step"]: r["loss"] for r in rows if "loss" in r}, result.stdout
-
-    straight, _ = train("straight")
-    restart = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    one, out = train("one", SKIPJACK_KILL="1@4:node", **restart)
+    straight, _ = train(tmp_path, NODES, 3, "straight")
+    one, out = train(tmp_path, NODES, 3, "one", SKIPJACK_KILL="1@4:node", **RESTART)
     assert "of the memory tier" in out and "rebuilt the snapshots of node(s) [1]" in out
     assert one == straight
-    two, out = train("two", SKIPJACK_KILL="0@4:node,1@4:node", **restart)
+    two, out = train(tmp_path, NODES, 3, "two", SKIPJACK_KILL="0@4:node,1@4:node", **RESTART)
     assert "(step 2) of the persistent tier" in out and two == straight
