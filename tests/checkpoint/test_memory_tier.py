@@ -29,7 +29,8 @@ class Weights:
 
 
 def config(tmp: str, linger: float = 60.0) -> CheckpointConfig:
-    return CheckpointConfig(dir=f"{tmp}/ckpt", memory=MemoryConfig(1, 1, linger, tmp))
+    memory = MemoryConfig(interval=1, ranks_per_node=1, linger=linger, root=tmp)
+    return CheckpointConfig(dir=f"{tmp}/ckpt", memory=memory)
 
 
 def first_run(tmp: str, steps: int) -> str:
