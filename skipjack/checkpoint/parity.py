@@ -60,6 +60,8 @@ class NodeGroup:
             slot = slots.steps()[step]
             meta = slots.read_manifest()["slots"][slot]
             data = np.fromfile(slots.slot_file(slot), dtype=np.uint8)
+            if slots.steps().get(step) != slot:  # the trainer began rewriting it meanwhile
+                raise RuntimeError(f"rank {rank}'s snapshot of step {step} was replaced")
             header.append({"rank": rank, "meta": meta, "size": len(data)})
             parts.append(data)
         encoded = json.dumps({"step": step, "ranks": header}).encode()
