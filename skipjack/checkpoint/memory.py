@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -109,10 +110,13 @@ class MemoryTier:
 
     def close(self) -> None:
         """The job ended: every node's first rank stops its agent, which removes the node's
-        snapshots."""
+        snapshots; then rank 0 removes what the group shared."""
         dist.barrier(group=self.group)
         if self.local_first:
             stop_agent(self.directory)
+        dist.barrier(group=self.group)  # every agent is gone: nothing writes any more
+        if dist.get_rank() == 0:
+            shutil.rmtree(self.directory.parent, ignore_errors=True)
 
 
 def rebuild_plan(parity: NodeGroup, steps: list[list[int]]) -> tuple[int | None, list[int]]:

@@ -126,7 +126,9 @@ class NodeGroup:
             for row, stripe in self.group.stripes(self.index, pending.pop(step), longest).items():
                 for holder in self.group.holders(row):
                     path = self._stripe_file(holder, step, row, self.index)
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if not path.parent.parent.is_dir():  # that node is gone (or not yet up)
+                        continue
+                    path.parent.mkdir(exist_ok=True)
                     write_bytes(path, stripe.tobytes())
         self._encode()
 
