@@ -26,8 +26,6 @@ from skipjack.checkpoint.snapshot import ensure_agent, register_trainer, stop_ag
 from skipjack.checkpoint.state import State
 from skipjack.config import CheckpointConfig, ConfigError
 
-SHM = Path("/dev/shm")
-
 
 def node_directory(cfg: CheckpointConfig, node: int) -> Path:
     job = environment_job_id() or str(Path(cfg.dir).expanduser().resolve())

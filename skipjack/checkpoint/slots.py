@@ -22,6 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from skipjack.atomic import write_text
+from skipjack.checkpoint.sharded import flatten
 
 
 def _local(value) -> torch.Tensor | None:
@@ -129,8 +130,9 @@ class Slots:
 
 
 def flat_state(state: dict) -> dict:
-    """The flat snapshot of a training state's parts (`<part>/<key>`)."""
-    return {f"{part}/{key}": v for part, s in state.items() for key, v in s.state_dict().items()}
+    """The flat snapshot of a training state's parts (`<part>/<key>`, as the persistent tier
+    names them)."""
+    return flatten({part: s.state_dict() for part, s in state.items()})
 
 
 def load_flat(state: dict, flat: dict) -> None:
