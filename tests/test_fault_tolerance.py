@@ -28,13 +28,14 @@ RESTART = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # restarted ranks rejoin 
 def test_killed_ranks_and_lost_nodes_restore_bitwise(tmp_path, monkeypatch):
     """A killed rank restores from its own node's snapshot; a lost node (rank, agent and
     snapshots) is rebuilt from the other two; two lost nodes are beyond the parity, so the job
-    resumes from the persistent tier and says so. The agents leave nothing behind."""
+    resumes from the persistent tier and says so; a job that comes back without a lost node
+    restores from the others' snapshots in its new layout. The agents leave nothing behind."""
 
-    def train(name: str, **env: str) -> tuple[dict, str]:
+    def train(name: str, *more: str, nproc: int = 3, restarts: int = 1, **env: str):
         env = {"SKIPJACK_JOB_ID": f"{name}-{os.getpid()}", **env}
         result = run_under_torchrun(
-            "train", *JOB, f"hydra.run.dir={name}", nproc=3, cwd=tmp_path,
-            torchrun_args=("--max-restarts=1",), env=env,
+            "train", *JOB, f"hydra.run.dir={name}", *more, nproc=nproc, cwd=tmp_path,
+            torchrun_args=(f"--max-restarts={restarts}",), env=env, check=restarts > 0,
         )  # fmt: skip
         rows = read_metrics(tmp_path / name)
         return {r["step"]: r["loss"] for r in rows if "loss" in r}, result.stdout
@@ -47,7 +48,14 @@ def test_killed_ranks_and_lost_nodes_restore_bitwise(tmp_path, monkeypatch):
     assert "of the memory tier" in out and "rebuilt the snapshots of node(s) [1]" in out
     assert one == straight
     two, out = train("two", SKIPJACK_KILL="0@4:node,1@4:node", **RESTART)
-    assert "(step 2) of the persistent tier" in out and two == straight
-    for name in ("straight", "rank", "one", "two"):
+    assert "(step 2) of the persistent tier" in out and "1 step lost" in out and two == straight
+    # node 1 gone for good: the job comes back on the other two as dp=2, from their snapshots
+    train("shrink", restarts=0, SKIPJACK_KILL="1@4:node")
+    dp2 = ("parallel.dp=2", "checkpoint.memory.group_size=2")
+    shrunk, out = train("shrink", *dp2, nproc=2, restarts=0)
+    assert "(step 3) of the memory tier" in out and "0 steps lost" in out
+    assert "the layout changed from dp=3 x pp=1 x tp=1 to dp=2 x pp=1 x tp=1" in out
+    assert shrunk == pytest.approx(straight, rel=1e-5)  # another dp: another summation order
+    for name in ("straight", "rank", "one", "two", "shrink"):
         monkeypatch.setenv("SKIPJACK_JOB_ID", f"{name}-{os.getpid()}")
         assert not node_directory(CheckpointConfig(), 0).parent.exists()

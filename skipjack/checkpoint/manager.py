@@ -36,6 +36,14 @@ class Tier(Protocol):
     def load(self, state: State) -> None: ...
     def before_update(self) -> None: ...
     def wait(self) -> None: ...
+    def settle(self) -> None:
+        """Wait until every save in flight is complete, the memory tier's parity included (for
+        fault injection: what a kill leaves behind does not depend on timing)."""
+        self.wait()
+        memory = self.tier("memory")
+        if memory is not None:
+            memory.settle()
+
     def close(self) -> None: ...
 
 
@@ -51,9 +59,9 @@ class CheckpointManager:
     ) -> CheckpointManager:
         """The tiers `cfg` configures: memory snapshots first where on, then the persistent
         tier."""
-        group = dims.group("checkpoint")
-        memory = [MemoryTier(cfg, group)] if cfg.memory.interval > 0 else []
-        return cls([*memory, PersistentTier(cfg, model, dims, lead)], group, lead)
+        memory = [MemoryTier(cfg, dims)] if cfg.memory.interval > 0 else []
+        tiers = [*memory, PersistentTier(cfg, model, dims, lead)]
+        return cls(tiers, dims.group("checkpoint"), lead)
 
     def tier(self, name: str | None) -> Tier | None:
         return next((tier for tier in self.tiers if tier.name == name), None)
@@ -106,6 +114,14 @@ class CheckpointManager:
     def wait(self) -> None:
         for tier in self.tiers:
             tier.wait()
+
+    def settle(self) -> None:
+        """Wait until every save in flight is complete, the memory tier's parity included (for
+        fault injection: what a kill leaves behind does not depend on timing)."""
+        self.wait()
+        memory = self.tier("memory")
+        if memory is not None:
+            memory.settle()
 
     def close(self) -> None:
         """Finish every save in flight before any tier closes: their background threads use

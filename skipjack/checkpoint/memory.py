@@ -4,11 +4,13 @@ crash of the trainers, and restored from there in seconds (REFT, arXiv 2310.1267
 
 A rank's snapshot is its own state as the persistent tier would save it (the same parts and
 keys, its own shards), in two slots (slots.py): a crash in the middle of a snapshot leaves the
-previous one whole. The step waits only for the copy. A restore takes the newest step every rank
-holds. A node is the ranks of one machine (LOCAL_WORLD_SIZE of them, or
-`checkpoint.memory.ranks_per_node`), with one agent and one directory,
-`/dev/shm/skipjack-<job>/node<n>`; the job is the launcher's id of it (SLURM's job id, torchrun's
-run id), the same across restarts, or else the checkpoint directory.
+previous one whole. The copy runs in a background thread while the next step's forward and
+backward run (they change no parameter); the step waits for it only before its optimizer
+update. Tensors on a GPU are first copied into pinned host buffers on a side stream
+(`HostStaging`). A restore takes the newest step every rank holds. A node is the ranks of one
+machine (LOCAL_WORLD_SIZE of them, or `checkpoint.memory.ranks_per_node`), with one agent and
+one directory, `/dev/shm/skipjack-<job>/node<n>`; the job is the launcher's id of it (SLURM's
+job id, torchrun's run id), the same across restarts, or else the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from skipjack.checkpoint.parity import NodeGroup
 from skipjack.checkpoint.slots import Slots, environment_job_id, flat_state, load_flat
 from skipjack.checkpoint.snapshot import ensure_agent, register_trainer, stop_agent
 from skipjack.checkpoint.state import State
 from skipjack.config import CheckpointConfig, ConfigError
+from skipjack.parallel.dims import ParallelDims
 
 
 def node_directory(cfg: CheckpointConfig, node: int) -> Path:
@@ -36,8 +43,9 @@ def node_directory(cfg: CheckpointConfig, node: int) -> Path:
 class MemoryTier:
     name = "memory"
 
-    def __init__(self, cfg: CheckpointConfig, group: dist.ProcessGroup):
-        self.cfg, self.group = cfg, group
+    def __init__(self, cfg: CheckpointConfig, dims: ParallelDims):
+        self.cfg = cfg
+        self.group = group = dims.group("checkpoint")
         rank = dist.get_rank()
         per_node = cfg.memory.ranks_per_node or int(
             os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())
@@ -58,24 +66,45 @@ class MemoryTier:
             ensure_agent(self.directory, m.linger, shape if self.parity else None)
         dist.barrier(group=group)
         register_trainer(self.directory, rank)
-        self.slots = Slots(self.directory, rank)
+        # what a snapshot restores into: this layout, or one with another dp (the same stage
+        # and shard of another replica)
+        self.layout = {
+            "world": dist.get_world_size(), "ranks_per_node": per_node,
+            "dp": dims.dp, "pp": dims.pp, "tp": dims.tp,
+        }  # fmt: skip
+        self.place = {"pp_rank": dims.pp_rank, "tp_rank": dims.tp_rank}
+        self.slots = Slots(self.directory, rank, {**self.layout, **self.place})
+        self._source = self.slots  # where `load` reads: this rank's slots, or another's
         self.local_first = first == 0
         self._step: int | None = None
-        self.rebuilt: list[int] = []  # nodes whose snapshots the last restore rebuilt
+        self._staging = HostStaging()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="skipjack-snapshot")
+        self._writing: Future | None = None
+        self.notes: list[str] = []  # what the last restore did besides reading (for the log)
         self.held = False  # whether any rank held a snapshot when `newest` looked
 
     def due(self, step: int) -> bool:
         return self.cfg.memory.interval > 0 and step % self.cfg.memory.interval == 0
 
     def save(self, step: int, state: State) -> None:
-        """Copy this rank's state into its free slot (the step waits for this copy only)."""
-        self.slots.write(step, flat_state(state))
+        """Start copying this rank's state into its free slot (at most one copy in flight)."""
+        self.wait()
+        flat = self._staging.stage(flat_state(state))
+        self._writing = self._writer.submit(self._write, step, flat)
+
+    def _write(self, step: int, flat: dict) -> None:
+        self._staging.synchronize()
+        self.slots.write(step, flat)
 
     def newest(self) -> int | None:
         """The newest step every rank holds a whole snapshot of, after rebuilding the snapshots
-        of lost nodes where their groups' parity allows (collective)."""
+        of lost nodes where their groups' parity allows; else, when the job's layout changed,
+        the newest step of which every rank can read a snapshot of its stage and shard taken by
+        a replica of the old layout (collective)."""
+        self.notes, self._source = [], self.slots
+        ours = [s for s, (_, layout) in self.slots.snapshots().items() if self._ours(layout)]
         steps: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(steps, sorted(self.slots.steps()), group=self.group)
+        dist.all_gather_object(steps, sorted(ours), group=self.group)
         common = set(steps[0]).intersection(*map(set, steps[1:]))
         self.held = any(steps)  # some rank had a snapshot
         if self.parity is not None:
@@ -87,34 +116,90 @@ class MemoryTier:
                     members = self.parity.members
                     self.parity.rebuild(step, {members.index(n) for n in lost if n in members})
                 dist.barrier(group=self.group)
-                self.rebuilt = sorted(lost)
+                self.notes.append(f"rebuilt the snapshots of node(s) {sorted(lost)} from parity")
                 common = {step}
-        self._step = max(common) if common else None
+        self._step = max(common) if common else self._from_old_layout()
         return self._step
+
+    def _ours(self, layout: dict | None) -> bool:
+        return layout is None or {k: layout[k] for k in self.layout} == self.layout
+
+    def _from_old_layout(self) -> int | None:
+        """Collective: the newest step of an old layout with this pp and tp of which every rank
+        reads, on its own machine, a snapshot of its stage and shard (any replica's: their
+        states are the same); None when there is none."""
+        mine: dict[tuple, tuple[str, int]] = {}  # (step, old layout) -> (directory, rank)
+        for directory in sorted(self.directory.parent.glob("node*")):
+            for manifest in sorted(directory.glob("rank*.json")):
+                slots = Slots(directory, int(manifest.stem.removeprefix("rank")))
+                for step, (_, layout) in slots.snapshots().items():
+                    if layout is None or self._ours(layout):
+                        continue
+                    old = tuple((k, layout[k]) for k in self.layout)
+                    same = [layout[k] == self.layout[k] for k in ("pp", "tp")]
+                    if all(same) and all(layout[k] == v for k, v in self.place.items()):
+                        mine.setdefault((step, old), (str(directory), slots.rank))
+        seen: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(seen, sorted(mine), group=self.group)
+        self.held = self.held or any(seen)
+        common = set(seen[0]).intersection(*map(set, seen[1:]))
+        if not common:
+            return None
+        step, old = max(common)
+        directory, rank = mine[(step, old)]
+        self._source = Slots(Path(directory), rank)
+        self.notes.append(
+            f"the layout changed from {_describe(dict(old))} to {_describe(self.layout)}: each "
+            "rank restored the snapshot of its stage and shard taken by a replica of the old one"
+        )
+        return step
 
     def where(self) -> str:
         return str(self.directory)
 
     def load(self, state: State) -> None:
         flat = flat_state(state)
-        self.slots.read(self._step, flat)
+        self._source.read(self._step, flat)
         load_flat(state, flat)
 
     def before_update(self) -> None:
-        """Nothing: the copy is done when `save` returns."""
+        """The parameters are about to change: wait for the copy in flight."""
+        self.wait()
 
     def wait(self) -> None:
-        """Nothing is in flight."""
+        """Wait for the snapshot in flight; its error, if it failed, is raised here."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def settle(self, timeout: float = 120.0) -> None:
+        """Wait until the group's parity of this rank's newest snapshot is made (the agents
+        make it in the background)."""
+        self.wait()
+        steps = self.slots.steps()
+        if self.parity is None or not steps:
+            return
+        deadline = time.monotonic() + timeout
+        while not self.parity.encoded(max(steps)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the parity of step {max(steps)} was not made in {timeout} s")
+            time.sleep(0.02)
 
     def close(self) -> None:
         """The job ended: every node's first rank stops its agent, which removes the node's
         snapshots; then rank 0 removes what the group shared."""
+        self.wait()
+        self._writer.shutdown()
         dist.barrier(group=self.group)
         if self.local_first:
             stop_agent(self.directory)
         dist.barrier(group=self.group)  # every agent is gone: nothing writes any more
         if dist.get_rank() == 0:
             shutil.rmtree(self.directory.parent, ignore_errors=True)
+
+
+def _describe(layout: dict) -> str:
+    return " x ".join(f"{k}={layout[k]}" for k in ("dp", "pp", "tp"))
 
 
 def rebuild_plan(parity: NodeGroup, steps: list[list[int]]) -> tuple[int | None, list[int]]:
@@ -135,3 +220,39 @@ def rebuild_plan(parity: NodeGroup, steps: list[list[int]]) -> tuple[int | None,
         if all(view.rebuildable(step, indices) for view, indices in groups.values()):
             return step, lost
     return None, []
+
+
+class HostStaging:
+    """Host copies of a snapshot's GPU tensors: pinned buffers, kept from one snapshot to the
+    next, filled on a side stream that first waits for the work that made the tensors; the
+    writer thread synchronizes with it before reading them. CPU tensors pass through as they
+    are (the slot's copy reads them directly)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.stream = None
+        self.done = None
+
+    def stage(self, flat: dict) -> dict:
+        local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in flat.items()}
+        gpu = {k: v for k, v in local.items() if torch.is_tensor(v) and v.is_cuda}
+        if not gpu:
+            return local
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for key, tensor in gpu.items():
+                buffer = self.buffers.get(key)
+                if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                    buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                    self.buffers[key] = buffer
+                buffer.copy_(tensor, non_blocking=True)
+                local[key] = buffer
+            self.done = torch.cuda.Event()
+            self.done.record(self.stream)
+        return local
+
+    def synchronize(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()

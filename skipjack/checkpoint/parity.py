@@ -38,7 +38,10 @@ class NodeGroup:
         self.members = list(range(first, min(first + size, nodes)))
         self.index = self.members.index(node)
         self.group = Group(len(self.members), parity)
-        self.shared = root / f"group{first // size}"
+        self.nodes = nodes
+        # the job's layout names the group's files: a job back in another shape never reads the
+        # old shape's lengths
+        self.shared = root / f"group{first // size}-{nodes}x{per_node}"
 
     def directory(self, node: int) -> Path:
         return self.root / f"node{node}"
@@ -47,8 +50,17 @@ class NodeGroup:
         return list(range(node * self.per_node, (node + 1) * self.per_node))
 
     def steps_held(self, node: int) -> set[int]:
-        """Steps every rank of `node` holds a whole snapshot of."""
-        held = [set(Slots(self.directory(node), r).steps()) for r in self.ranks(node)]
+        """Steps every rank of `node` holds a whole snapshot of, taken in this group's shape."""
+        world = self.nodes * self.per_node
+        held = [
+            {
+                step
+                for step, (_, layout) in Slots(self.directory(node), r).snapshots().items()
+                if layout is None
+                or (layout["world"], layout["ranks_per_node"]) == (world, self.per_node)
+            }
+            for r in self.ranks(node)
+        ]
         return set.intersection(*held) if held else set()
 
     # -- the node's snapshot as one blob ----------------------------------------------------
@@ -158,6 +170,14 @@ class NodeGroup:
             shutil.rmtree(self.shared / f"step{old}", ignore_errors=True)
 
     # -- rebuilding ---------------------------------------------------------------------------
+
+    def encoded(self, step: int) -> bool:
+        """Whether every member holds its parity of `step`."""
+        return all(
+            self.parity_file(h, step, row).exists()
+            for row in range(len(self.members))
+            for h in self.group.holders(row)
+        )
 
     def rebuildable(self, step: int, lost: set[int]) -> bool:
         """Whether the survivors of this group hold what rebuilding `lost` (group indices) at

@@ -36,10 +36,11 @@ def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Slots:
-    """Rank `rank`'s two snapshot slots in `directory`."""
+    """Rank `rank`'s two snapshot slots in `directory`; `layout` (plain values: the job's
+    layout and this rank's place in it) is kept with every snapshot written."""
 
-    def __init__(self, directory: Path, rank: int):
-        self.directory, self.rank = directory, rank
+    def __init__(self, directory: Path, rank: int, layout: dict | None = None):
+        self.directory, self.rank, self.layout = directory, rank, layout
         self.manifest = directory / f"rank{rank}.json"
 
     def slot_file(self, slot: int) -> Path:
@@ -53,11 +54,15 @@ class Slots:
 
     def steps(self) -> dict[int, int]:
         """step -> slot of every snapshot whose file is whole."""
+        return {step: slot for step, (slot, _) in self.snapshots().items()}
+
+    def snapshots(self) -> dict[int, tuple[int, dict | None]]:
+        """step -> (slot, layout it was written in) of every snapshot whose file is whole."""
         manifest, out = self.read_manifest(), {}
         for slot, meta in enumerate(manifest["slots"]):
             path = self.slot_file(slot)
             if meta is not None and path.is_file() and path.stat().st_size == meta["size"]:
-                out[meta["step"]] = slot
+                out[meta["step"]] = (slot, meta.get("layout"))
         return out
 
     def write(self, step: int, flat: dict) -> None:
@@ -80,18 +85,20 @@ class Slots:
         path = self.slot_file(slot)
         manifest["slots"][slot] = None  # while it is rewritten, the slot holds nothing
         self._write_manifest(manifest)
-        with open(path, "wb") as f:
-            f.truncate(offset)
+        if not path.is_file() or path.stat().st_size != offset:
+            with open(path, "wb") as f:  # same size: its pages stay (a tmpfs zero-fills new ones)
+                f.truncate(offset)
         if offset:
             buffer = np.memmap(path, dtype=np.uint8, mode="r+", shape=(offset,))
             view = torch.from_numpy(buffer)
             for tensor, start, nbytes in tensors:
-                view[start : start + nbytes].copy_(_bytes_of(tensor.cpu()))
+                view[start : start + nbytes].copy_(_bytes_of(tensor))
             buffer.flush()
             del view, buffer
         pickled = base64.b64encode(pickle.dumps(objects)).decode()
         manifest["slots"][slot] = {
             "step": step, "size": offset, "entries": entries, "objects": pickled,
+            "layout": self.layout,
         }  # fmt: skip
         manifest["current"] = slot
         self._write_manifest(manifest)

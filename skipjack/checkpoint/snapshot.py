@@ -16,6 +16,7 @@ way.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -23,12 +24,17 @@ import sys
 import time
 from pathlib import Path
 
-from skipjack.checkpoint.parity import NodeGroup
+from skipjack.atomic import write_text
 
 POLL = 0.05  # seconds between the agent's looks at its directory
 
 
 def _alive(pid: int) -> bool:
+    try:  # the agent is the child of the trainer that started it: reap it once it exits
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # another process's child
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,13 +58,23 @@ def agent_pid(directory: Path) -> int | None:
 
 
 def ensure_agent(directory: Path, linger: float, group: list[int] | None = None) -> int:
-    """Start `directory`'s agent unless it runs; returns its pid. `group`: (nodes, ranks per
-    node, group size, parity) when the agent makes parity (parity.py)."""
+    """Start `directory`'s agent unless it runs with these settings; returns its pid. `group`:
+    (nodes, ranks per node, group size, parity) when the agent makes parity (parity.py). An
+    agent of the job's previous shape hands the directory over: it exits and leaves the
+    snapshots (a job come back in another layout restores from them), its parity goes."""
     directory.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps({"linger": linger, "group": group})
     pid = agent_pid(directory)
     if pid is not None:
-        return pid
-    (directory / "stop").unlink(missing_ok=True)
+        if _read(directory / "agent.json") == settings:
+            return pid
+        (directory / "handover").touch()
+        _wait_gone(pid, 30.0)
+        for name in ("parity", "incoming"):
+            shutil.rmtree(directory / name, ignore_errors=True)
+    for name in ("stop", "handover"):
+        (directory / name).unlink(missing_ok=True)
+    write_text(directory / "agent.json", settings)
     log = open(directory / "agent.log", "ab")  # noqa: SIM115 (the agent's own from here on)
     process = subprocess.Popen(
         [sys.executable, "-m", "skipjack.checkpoint.snapshot", str(directory), "--linger",
@@ -87,9 +103,20 @@ def stop_agent(directory: Path, timeout: float = 30.0) -> None:
         shutil.rmtree(directory, ignore_errors=True)
         return
     (directory / "stop").touch()
+    _wait_gone(pid, timeout)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(POLL / 4)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
 
 
 def run_agent(directory: Path, linger: float, group: list[int] | None = None) -> None:
@@ -97,11 +124,16 @@ def run_agent(directory: Path, linger: float, group: list[int] | None = None) ->
     last_seen = time.monotonic()
     parity, state = None, {}
     if group:
+        # imported once the pid is out (torch comes with it): the trainers need not wait for it
+        from skipjack.checkpoint.parity import NodeGroup
+
         nodes, per_node, size, m = group
         node = int(directory.name.removeprefix("node"))
         parity = NodeGroup(directory.parent, node, nodes, per_node, size, m)
     while True:
-        if (directory / "stop").exists():
+        if (directory / "handover").exists():
+            return  # a new agent takes the directory as it is
+        if (directory / "stop").exists() or not directory.is_dir():  # ended, or removed
             break
         if parity is not None:
             try:

@@ -41,15 +41,17 @@ def run_under_torchrun(
     timeout: float = 600,
     torchrun_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node=<nproc> -m skipjack.cli <args>`: skipjack as any
-    launcher that sets the rank variables starts it, with no help from skipjack's launchers."""
+    launcher that sets the rank variables starts it, with no help from skipjack's launchers.
+    `check`: fail unless it exits with 0."""
     torchrun = [BIN / "torchrun", "--standalone", f"--nproc-per-node={nproc}", *torchrun_args]
-    return _run([*torchrun, "-m", "skipjack.cli", *args], cwd, timeout, env)
+    return _run([*torchrun, "-m", "skipjack.cli", *args], cwd, timeout, env, check)
 
 
 def _run(
-    cmd: list, cwd: Path, timeout: float, env: dict[str, str] | None = None
+    cmd: list, cwd: Path, timeout: float, env: dict[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     result = subprocess.run(
         cmd,
@@ -59,5 +61,5 @@ def _run(
         timeout=timeout,
         env={**os.environ, "COLUMNS": "120", **(env or {})},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -85,7 +86,7 @@ class Metrics:
         optimizer_state_bytes: int | None = None,
     ) -> dict:
         """Account one step of `tokens` that took `seconds`; write it when `log` or validated."""
-        record = {"step": step}
+        record = {"step": step, "time": time.time()}  # wall clock (Unix seconds) at its end
         if result is not None:
             self.tokens_total += tokens
             self.flops_total += result.flops

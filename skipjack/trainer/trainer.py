@@ -8,6 +8,7 @@ evaluation; the loop asks it for a step, logs, and calls the checkpoint policy b
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -184,7 +185,9 @@ class Trainer:
             )
         self.state = training_state(self.engine, self.loader)
         self.checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, self.lead)
+        started = time.perf_counter()
         restored = self.checkpoints.restore(self.state)
+        restore_seconds = time.perf_counter() - started
         self.start, self.restored = 0, restored is not None
         memory = self.checkpoints.tier("memory")
         if restored is None and memory is not None and memory.held and self.lead:
@@ -200,13 +203,13 @@ class Trainer:
             if self.lead:
                 print(
                     f"skipjack: resumed from {self.checkpoints.restored_from} "
-                    f"(step {self.start}) of the {self.checkpoints.restored_tier} tier"
+                    f"(step {self.start}) of the {self.checkpoints.restored_tier} tier, "
+                    f"restored in {restore_seconds:.2f} s{steps_lost(self.run_dir, self.start)}"
                 )
-                rebuilt = getattr(
-                    self.checkpoints.tier(self.checkpoints.restored_tier), "rebuilt", []
-                )
-                if rebuilt:
-                    print(f"skipjack: rebuilt the snapshots of node(s) {rebuilt} from parity")
+                for note in getattr(
+                    self.checkpoints.tier(self.checkpoints.restored_tier), "notes", []
+                ):
+                    print(f"skipjack: {note}")
         elif job.model.init_from:
             load_model(self.state, job.model, job.model.init_from, dims.group("checkpoint"))
             if self.lead:
@@ -219,6 +222,11 @@ class Trainer:
         """This rank's node's snapshot directory, under the memory tier."""
         memory = self.checkpoints.tier("memory")
         return memory.directory if memory is not None else None
+
+    def _settle(self) -> None:
+        """Every rank's saves complete, parity included (collective)."""
+        self.checkpoints.settle()
+        dist.barrier(group=self.dims.group("checkpoint"))
 
     def run(self) -> dict:
         """The loop, then the end of the run; returns a summary (run dir, first/last validation
@@ -240,7 +248,7 @@ class Trainer:
         step_tokens = t.global_batch_size * t.seq_len
         for step in range(self.start + 1, t.steps + 1):
             started = time.perf_counter()
-            inject_fault(self.dims.rank, step, self._snapshots)
+            inject_fault(self.dims.rank, step, self._snapshots, self._settle)
             plan = self.plan(step)
             result = train_step(engine, self.loader, step, self.checkpoints, self.state, plan)
             seconds = time.perf_counter() - started
@@ -257,6 +265,8 @@ class Trainer:
                 log=step % job.logging.interval == 0 or step == t.steps,
                 optimizer_state_bytes=state_bytes(engine.optimizer),
             )
+            if self.lead:
+                write_text(self.run_dir / REACHED, json.dumps({"step": step}))
         return val_losses
 
     def _finish(self, val_losses: list[float]) -> dict:
@@ -285,6 +295,21 @@ class Trainer:
                 print(f"  wandb    {run_dir / 'wandb'} (sync with `wandb sync`)")
         dist.destroy_process_group()
         return summary
+
+
+REACHED = "reached.json"  # the last step the run finished, rewritten after every step
+
+
+def steps_lost(run_dir: Path, restored: int) -> str:
+    """How many finished steps a resume from step `restored` runs again, for the log ("" when
+    this run directory has no record of the step it reached: a new run from another's
+    checkpoint)."""
+    try:
+        reached = json.loads((run_dir / REACHED).read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return ""
+    lost = max(reached - restored, 0)
+    return f"; {lost} step{'s' if lost != 1 else ''} lost (the run had reached step {reached})"
 
 
 def train(cfg: DictConfig, device: torch.device) -> dict:

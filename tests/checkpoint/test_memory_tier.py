@@ -3,6 +3,7 @@ the node's agent in its own session), the newest common step restores bitwise, a
 cleans up when the job ends, or when no trainer comes back."""
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from skipjack.checkpoint.snapshot import agent_pid
 from skipjack.checkpoint.state import Progress
 from skipjack.config import CheckpointConfig
 from skipjack.config.checkpoint import MemoryConfig
+from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
 
 
@@ -33,16 +35,23 @@ def config(tmp: str, linger: float = 60.0) -> CheckpointConfig:
     return CheckpointConfig(dir=f"{tmp}/ckpt", memory=memory)
 
 
+def tier_of(tmp: str, linger: float = 60.0, pp: int = 1) -> MemoryTier:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dims = ParallelDims(dp=world // pp, pp=pp, rank=rank).build_groups()
+    return MemoryTier(config(tmp, linger), dims)
+
+
 def first_run(tmp: str, steps: int) -> str:
-    tier = MemoryTier(config(tmp), dist.group.WORLD)
+    tier = tier_of(tmp)
     for step in range(1, steps + 1):
         state = {"model": Weights(10 * dist.get_rank() + step), "trainer": Progress(step)}
         tier.save(step, state)
+    tier.wait()
     return str(tier.directory)  # exits without close(): a crash, as the agent sees it
 
 
 def second_run(tmp: str, end: bool) -> tuple:
-    tier = MemoryTier(config(tmp), dist.group.WORLD)
+    tier = tier_of(tmp)
     state = {"model": Weights(0.0), "trainer": Progress()}
     step = tier.newest()
     tier.load(state)
@@ -73,8 +82,9 @@ def test_snapshots_outlive_every_trainer_and_are_cleaned_up_at_the_end(tmp_path,
 
 
 def crashed(tmp: str) -> str:
-    tier = MemoryTier(config(tmp, linger=0.5), dist.group.WORLD)
+    tier = tier_of(tmp, linger=0.5)
     tier.save(1, {"model": Weights(1.0)})
+    tier.wait()
     return str(tier.directory)
 
 
@@ -86,3 +96,42 @@ def test_an_agent_whose_trainers_never_come_back_cleans_up(tmp_path, monkeypatch
             break
         time.sleep(0.1)
     assert not os.path.exists(directory)
+
+
+def staged(tmp: str, steps: int) -> None:
+    """dp=2 x pp=2, one rank per node: every snapshot holds its stage's number."""
+    tier = tier_of(tmp, pp=2)
+    for step in range(1, steps + 1):
+        stage = tier.place["pp_rank"]
+        tier.save(step, {"model": Weights(100 * stage + step), "trainer": Progress(step)})
+    tier.wait()
+    dist.barrier()
+
+
+def shrunk(tmp: str) -> tuple:
+    """dp=1 x pp=2 after a node was lost for good."""
+    tier = tier_of(tmp, pp=2)
+    state = {"model": Weights(0.0), "trainer": Progress()}
+    step = tier.newest()
+    tier.load(state)
+    tier.close()
+    return step, tier.place["pp_rank"], float(state["model"].w[0, 0]), tier.notes
+
+
+def test_a_shrunk_world_restores_each_stage_from_a_surviving_replica(tmp_path, monkeypatch):
+    """Four one-rank nodes (dp=2 x pp=2); the node of rank 1 is gone for good and the job comes
+    back as dp=1 x pp=2: each rank reads its stage's snapshot from the surviving replica."""
+    monkeypatch.setenv("SKIPJACK_JOB_ID", f"memory-shrink-{os.getpid()}")
+    run_ranks(staged, 4, str(tmp_path), 3)
+    root = node_directory(config(str(tmp_path)), 0).parent
+    lost = root / "node1"
+    os.kill(agent_pid(lost), 9)
+    shutil.rmtree(lost)
+    results = run_ranks(shrunk, 2, str(tmp_path))
+    assert [r[:3] for r in results] == [(3, 0, 3.0), (3, 1, 103.0)]
+    assert "the layout changed from dp=2 x pp=2 x tp=1 to dp=1 x pp=2 x tp=1" in results[0][3][0]
+    for _ in range(100):  # the old nodes' agents leave once the job's directory is gone
+        if not root.exists():
+            break
+        time.sleep(0.05)
+    assert not root.exists()

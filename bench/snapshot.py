@@ -1,0 +1,260 @@
+"""In-memory snapshots against persistent checkpoints, side by side in one run.
+
+    python bench/snapshot.py [--preset llama_130m] [--steps 4] [--accumulation 4] [--json F]
+
+1. **Blocked time per step** (one process trains the preset, AdamW fp32: 1.6 GB of weights and
+   optimizer state with llama_130m), saving after every step in turn with: nothing; the memory
+   tier (`checkpoint.memory.interval=1`: a copy into /dev/shm in a background thread, waited for
+   before the next optimizer update); the persistent tier (asynchronous sharded DCP); and
+   `torch.save` of the state dict, synchronously. Blocked = the save call plus the wait before
+   the next update; overhead = the step time's growth over training without saves.
+2. **Erasure coding throughput**: a group of 4 nodes, each with a snapshot of `--blob-mb` MB;
+   parity of every row (XOR for m=1, Reed-Solomon with zfec for m=2) and the rebuild of m lost
+   nodes, in MB of snapshot per second (one core).
+3. **Recovery**: the same preset trained by the CLI under plain `torchrun --max-restarts=1`, its
+   rank SIGKILLed as step 3 starts (`SKIPJACK_KILL=0@3`), once restoring from the memory tier and
+   once from the persistent tier (both saving every step, so no step is lost): the time from the
+   end of step 2 (the kill) to the end of the first step after the restart, and its restore alone
+   (from the log). Last, the expected time a failure costs at equal overhead: the persistent tier
+   can afford one save every `ceil(blocked persistent / blocked memory)` steps for the memory
+   tier's cost, so a failure loses half that interval of steps on top of its recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skipjack.atomic import replacing
+from skipjack.checkpoint.erasure import Group
+from skipjack.checkpoint.manager import CheckpointManager
+from skipjack.config import CheckpointConfig, ParallelConfig, TrainConfig, TrainJobConfig
+from skipjack.config.checkpoint import MemoryConfig
+from skipjack.data.loader import ShardedLoader
+from skipjack.launch.env import init_distributed
+from skipjack.models.llama import num_parameters, preset
+from skipjack.parallel.dims import ParallelDims
+from skipjack.testing.reference import SyntheticSamples
+from skipjack.trainer.engine import NativeEngine
+from skipjack.trainer.metrics import read_metrics
+from skipjack.trainer.trainer import training_state
+
+
+def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
+    """Median step time and blocked time per step of each way of saving (part 1)."""
+    device = torch.device("cpu")
+    init_distributed(device)
+    dims = ParallelDims(dp=1).build_groups()
+    cfg = preset(args.preset)
+    train = TrainConfig(steps=100, micro_batch_size=1, seq_len=args.seq_len, dtype="fp32")
+    job = TrainJobConfig(model=cfg, parallel=ParallelConfig(), train=train)
+    engine = NativeEngine(job, dims, args.accumulation, device)
+    data = SyntheticSamples(1000, args.seq_len, cfg.vocab_size)
+    loader = ShardedLoader(data, args.accumulation, 1, 0, 1)
+    state = training_state(engine, loader)
+
+    def forward_backward() -> None:
+        engine.forward_backward(loader.next())
+
+    forward_backward()
+    engine.optimizer_step()  # the optimizer state exists from here on
+    memory = MemoryConfig(interval=1, ranks_per_node=1, root=args.shm)
+    policies = {
+        "no saves": None,
+        "memory tier": CheckpointConfig(dir=str(root / "memory"), memory=memory),
+        "persistent async": CheckpointConfig(interval=1, dir=str(root / "dcp"), keep_last=1),
+        "torch.save": "torch.save",
+    }
+    rows = {}
+    for name, policy in policies.items():
+        manager = None
+        if isinstance(policy, CheckpointConfig):
+            manager = CheckpointManager.for_job(policy, cfg, dims, lead=True)
+        steps, blocked = [], []
+        for step in range(1, args.steps + 2):
+            start = time.perf_counter()
+            forward_backward()
+            wait = time.perf_counter()
+            if manager is not None:
+                manager.before_update()
+            waited = time.perf_counter() - wait
+            engine.optimizer_step()
+            save = time.perf_counter()
+            if manager is not None:
+                manager.save(step, state)
+            elif policy == "torch.save":
+                gathered = {
+                    "model": engine.model.state_dict(),
+                    "optim": engine.optimizer.state_dict(),
+                }
+                with replacing(root / "torch.pt") as tmp:
+                    torch.save(gathered, tmp)
+            end = time.perf_counter()
+            if step > 1:  # the first saves allocate their buffers and files
+                steps.append(end - start)
+                blocked.append(waited + end - save)
+        if manager is not None:
+            manager.close()
+        rows[name] = {"step_s": statistics.median(steps), "blocked_s": statistics.median(blocked)}
+    size = sum(
+        t.numel() * t.element_size()
+        for part in ("model", "optim")
+        for t in _tensors(state[part].state_dict())
+    )
+    rows["no saves"]["state_bytes"] = size
+    return rows
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    return []
+
+
+def erasure_rates(blob_mb: int) -> dict[str, dict[str, float]]:
+    """Encode and rebuild throughput of a 4-node group (part 2)."""
+    rng = np.random.default_rng(0)
+    length = blob_mb * 2**20
+    snapshots = {n: rng.integers(0, 256, length, dtype=np.uint8) for n in range(4)}
+    rates = {}
+    for name, m in (("XOR (k=3, m=1)", 1), ("Reed-Solomon (k=2, m=2)", 2)):
+        group = Group(4, m)
+        start = time.perf_counter()
+        stripes = {n: group.stripes(n, s, length) for n, s in snapshots.items()}
+        parities = {}
+        for row in range(group.size):
+            data = {n: stripes[n][row] for n in group.data_nodes(row)}
+            for holder, block in group.encode(row, data).items():
+                parities[(row, holder)] = block
+        encode = time.perf_counter() - start
+        lost = set(range(m))
+        start = time.perf_counter()
+        rebuilt = group.rebuild(
+            lost,
+            {n: s for n, s in snapshots.items() if n not in lost},
+            {key: block for key, block in parities.items() if key[1] not in lost},
+            {n: length for n in snapshots},
+        )
+        rebuild = time.perf_counter() - start
+        assert all(np.array_equal(rebuilt[n][:length], snapshots[n]) for n in lost)
+        rates[name] = {
+            "encode_MBps": 4 * length / encode / 1e6,
+            "rebuild_MBps": m * length / rebuild / 1e6,
+        }
+    return rates
+
+
+def recovery(args, root: Path, tier: str) -> dict[str, float]:
+    """Kill the CLI's rank as step 3 starts; seconds from the kill to the end of the first step
+    after the restart, and the restore alone (part 3)."""
+    run = root / f"run-{tier}"
+    saves = (
+        ["checkpoint.memory.interval=1", "checkpoint.interval=0"]
+        if tier == "memory"
+        else ["checkpoint.interval=1", "checkpoint.keep_last=2"]
+    )
+    cmd = [
+        *(str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=1"),
+        *("--max-restarts=1", "-m", "skipjack.cli", "train", f"model={args.preset}"),
+        *("train.steps=4", "train.global_batch_size=1", f"train.seq_len={args.seq_len}"),
+        *("train.dtype=fp32", "train.val_batches=0", "logging.interval=1", "logging.plot=false"),
+        *("logging.progress=false", "logging.wandb=false", "checkpoint=sharded"),
+        *(f"checkpoint.memory.root={args.shm}", f"hydra.run.dir={run}", *saves),
+    ]
+    env = {
+        **os.environ,
+        "SKIPJACK_KILL": "0@3",
+        "SKIPJACK_JOB_ID": f"bench-{tier}-{os.getpid()}",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    rows = read_metrics(run)
+    killed = max(r["time"] for r in rows if r["step"] == 2)
+    back = max(r["time"] for r in rows if r["step"] == 3)
+    restore = float(re.search(r"restored in ([0-9.]+) s", result.stdout).group(1))
+    assert f"of the {tier} tier" in result.stdout, result.stdout
+    return {"kill_to_step_s": back - killed, "restore_s": restore}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="llama_130m")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per way of saving")
+    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per step")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--blob-mb", type=int, default=256)
+    parser.add_argument("--shm", default="/dev/shm")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="skipjack-snapshot-bench-"))
+    os.environ.setdefault("SKIPJACK_JOB_ID", f"bench-{os.getpid()}")
+    try:
+        report = run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), **report}, indent=2))
+
+
+def run(args, root: Path) -> dict:
+    params = num_parameters(preset(args.preset))
+    recovered = {tier: recovery(args, root, tier) for tier in ("memory", "persistent")}
+    blocked = blocked_per_step(args, root)
+    tokens = args.accumulation * args.seq_len
+    base = blocked["no saves"]["step_s"]
+    print(
+        f"\n{args.preset} ({params / 1e6:.0f}M parameters, AdamW fp32, "
+        f"{blocked['no saves']['state_bytes'] / 1e9:.2f} GB of state), CPU, one process, "
+        f"{tokens} tokens per step; median of {args.steps} steps"
+    )
+    print(f"{'save every step':<20}{'step s':>8}{'blocked s':>11}{'overhead':>10}")
+    for name, row in blocked.items():
+        print(
+            f"{name:<20}{row['step_s']:>8.3f}{row['blocked_s']:>11.3f}"
+            f"{(row['step_s'] / base - 1) * 100:>9.1f}%"
+        )
+    rates = erasure_rates(args.blob_mb)
+    print(f"\n{'erasure code (4 nodes)':<26}{'encode MB/s':>12}{'rebuild MB/s':>13}")
+    for name, row in rates.items():
+        print(f"{name:<26}{row['encode_MBps']:>12.0f}{row['rebuild_MBps']:>13.0f}")
+    print(f"\n{'recovery from':<16}{'kill -> step s':>15}{'restore s':>10}")
+    for tier, row in recovered.items():
+        print(f"{tier:<16}{row['kill_to_step_s']:>15.2f}{row['restore_s']:>10.2f}")
+    memory, persistent = recovered["memory"], recovered["persistent"]
+    ratio = blocked["persistent async"]["blocked_s"] / max(
+        blocked["memory tier"]["blocked_s"], 1e-3
+    )
+    interval = max(1, math.ceil(ratio))
+    step = blocked["no saves"]["step_s"]
+    lost = {
+        "memory": memory["kill_to_step_s"],
+        "persistent": persistent["kill_to_step_s"] + (interval - 1) / 2 * step,
+    }
+    print(
+        f"\nat equal overhead the persistent tier saves every {interval} steps: a failure costs "
+        f"{lost['memory']:.1f} s with the memory tier, {lost['persistent']:.1f} s with the "
+        f"persistent tier ({lost['persistent'] / lost['memory']:.1f}x); the restore alone is "
+        f"{persistent['restore_s'] / memory['restore_s']:.1f}x faster from memory"
+    )
+    return {"blocked": blocked, "erasure": rates, "recovery": recovered, "failure_cost_s": lost}
+
+
+if __name__ == "__main__":
+    main()
