@@ -7,7 +7,10 @@
    tier (`checkpoint.memory.interval=1`: a copy into /dev/shm in a background thread, waited for
    before the next optimizer update); the persistent tier (asynchronous sharded DCP); and
    `torch.save` of the state dict, synchronously. Blocked = the save call plus the wait before
-   the next update; overhead = the step time's growth over training without saves.
+   the next update; overhead = the step time's growth over training without saves (the first
+   two steps, whose saves allocate buffers and files, not counted); restore = the tier's own
+   part of a restore into the live state (newest, then load), the training state already
+   allocated.
 2. **Erasure coding throughput**: a group of 4 nodes, each with a snapshot of `--blob-mb` MB;
    parity of every row (XOR for m=1, Reed-Solomon with zfec for m=2) and the rebuild of m lost
    nodes, in MB of snapshot per second (one core).
@@ -16,15 +19,15 @@
    once from the persistent tier (both saving every step, so no step is lost): the time from the
    end of step 2 (the kill) to the end of the first step after the restart, and its restore alone
    (from the log). Last, the expected time a failure costs at equal overhead: the persistent tier
-   can afford one save every `ceil(blocked persistent / blocked memory)` steps for the memory
-   tier's cost, so a failure loses half that interval of steps on top of its recovery.
+   can afford one save every `overhead persistent / overhead memory` steps (overhead: the step
+   time's growth) for the memory tier's cost, so a failure loses half that interval of steps on
+   top of its recovery.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -51,6 +54,8 @@ from skipjack.testing.reference import SyntheticSamples
 from skipjack.trainer.engine import NativeEngine
 from skipjack.trainer.metrics import read_metrics
 from skipjack.trainer.trainer import training_state
+
+WARMUP = 2  # steps whose saves allocate buffers and files (both of the memory tier's slots)
 
 
 def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
@@ -84,7 +89,7 @@ def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
         if isinstance(policy, CheckpointConfig):
             manager = CheckpointManager.for_job(policy, cfg, dims, lead=True)
         steps, blocked = [], []
-        for step in range(1, args.steps + 2):
+        for step in range(1, args.steps + WARMUP + 1):
             start = time.perf_counter()
             forward_backward()
             wait = time.perf_counter()
@@ -103,12 +108,18 @@ def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
                 with replacing(root / "torch.pt") as tmp:
                     torch.save(gathered, tmp)
             end = time.perf_counter()
-            if step > 1:  # the first saves allocate their buffers and files
+            if step > WARMUP:
                 steps.append(end - start)
                 blocked.append(waited + end - save)
-        if manager is not None:
-            manager.close()
         rows[name] = {"step_s": statistics.median(steps), "blocked_s": statistics.median(blocked)}
+        if manager is not None:
+            manager.wait()
+            tier = manager.tiers[0]  # the one this policy saves to
+            start = time.perf_counter()
+            tier.newest()
+            tier.load(state)
+            rows[name]["restore_s"] = time.perf_counter() - start
+            manager.close()
     size = sum(
         t.numel() * t.element_size()
         for part in ("model", "optim")
@@ -224,11 +235,12 @@ def run(args, root: Path) -> dict:
         f"{blocked['no saves']['state_bytes'] / 1e9:.2f} GB of state), CPU, one process, "
         f"{tokens} tokens per step; median of {args.steps} steps"
     )
-    print(f"{'save every step':<20}{'step s':>8}{'blocked s':>11}{'overhead':>10}")
+    print(f"{'save every step':<20}{'step s':>8}{'blocked s':>11}{'overhead':>10}{'restore s':>11}")
     for name, row in blocked.items():
+        restore = f"{row['restore_s']:>11.2f}" if "restore_s" in row else ""
         print(
             f"{name:<20}{row['step_s']:>8.3f}{row['blocked_s']:>11.3f}"
-            f"{(row['step_s'] / base - 1) * 100:>9.1f}%"
+            f"{(row['step_s'] / base - 1) * 100:>9.1f}%{restore}"
         )
     rates = erasure_rates(args.blob_mb)
     print(f"\n{'erasure code (4 nodes)':<26}{'encode MB/s':>12}{'rebuild MB/s':>13}")
@@ -238,14 +250,12 @@ def run(args, root: Path) -> dict:
     for tier, row in recovered.items():
         print(f"{tier:<16}{row['kill_to_step_s']:>15.2f}{row['restore_s']:>10.2f}")
     memory, persistent = recovered["memory"], recovered["persistent"]
-    ratio = blocked["persistent async"]["blocked_s"] / max(
-        blocked["memory tier"]["blocked_s"], 1e-3
-    )
-    interval = max(1, math.ceil(ratio))
-    step = blocked["no saves"]["step_s"]
+    saving = ("memory tier", "persistent async")
+    cost = {n: max(blocked[n]["step_s"] / base - 1, 0.01) for n in saving}
+    interval = max(1, round(cost["persistent async"] / cost["memory tier"]))
     lost = {
         "memory": memory["kill_to_step_s"],
-        "persistent": persistent["kill_to_step_s"] + (interval - 1) / 2 * step,
+        "persistent": persistent["kill_to_step_s"] + (interval - 1) / 2 * base,
     }
     print(
         f"\nat equal overhead the persistent tier saves every {interval} steps: a failure costs "

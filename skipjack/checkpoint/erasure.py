@@ -52,16 +52,21 @@ class Group:
         return [row for row in range(self.size) if node in self.data_nodes(row)]
 
     def stripe_length(self, length: int) -> int:
-        """Bytes per stripe for snapshots of at most `length` bytes."""
-        return -(-length // self.k)
+        """Bytes per stripe for snapshots of at most `length` bytes (whole 8-byte words: XOR
+        runs on words)."""
+        return -(-length // (8 * self.k)) * 8
 
     def stripes(self, node: int, snapshot: np.ndarray, length: int) -> dict[int, np.ndarray]:
-        """`node`'s snapshot (uint8) as its k stripes for a group whose longest snapshot has
-        `length` bytes, by the row each goes to (zero-padded)."""
-        size = self.stripe_length(length)
-        padded = np.zeros(size * self.k, dtype=np.uint8)
-        padded[: len(snapshot)] = snapshot
-        return {row: padded[j * size : (j + 1) * size] for j, row in enumerate(self.rows_of(node))}
+        """Node `node`'s snapshot cut into its k stripes for snapshots of at most `length`
+        bytes, by the row each goes to: views of the snapshot, zero-padded copies where it ends
+        short of a stripe."""
+        size, out = self.stripe_length(length), {}
+        for j, row in enumerate(self.rows_of(node)):
+            piece = snapshot[j * size : (j + 1) * size]
+            if len(piece) < size:
+                piece = np.concatenate([piece, np.zeros(size - len(piece), dtype=np.uint8)])
+            out[row] = piece
+        return out
 
     def encode(self, row: int, stripes: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Row `row`'s parity blocks by holder, from its data nodes' stripes (by node)."""
@@ -113,7 +118,7 @@ def _parity(data: list[np.ndarray], m: int) -> list[np.ndarray]:
     if m == 1:
         out = data[0].copy()
         for block in data[1:]:
-            np.bitwise_xor(out, block, out=out)
+            np.bitwise_xor(_words(out), _words(block), out=_words(out))
         return [out]
     import zfec
 
@@ -133,9 +138,14 @@ def _decode(blocks: list, numbers: list[int], k: int, n: int, size: int) -> list
         gone = next(i for i in range(k) if i not in present)
         out = np.zeros(size, dtype=np.uint8)
         for block in blocks:
-            np.bitwise_xor(out, block, out=out)
+            np.bitwise_xor(_words(out), _words(block), out=_words(out))
         return [present[i] if i != gone else out for i in range(k)]
     import zfec
 
     decoded = zfec.Decoder(k, n).decode(tuple(blocks), tuple(numbers))
     return [np.frombuffer(block, dtype=np.uint8) for block in decoded]
+
+
+def _words(block: np.ndarray) -> np.ndarray:
+    """The block as 8-byte words where it is whole words (8x fewer elements to XOR)."""
+    return block.view(np.uint64) if block.size % 8 == 0 else block

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -54,12 +55,13 @@ class MemoryTier:
         self.directory = node_directory(cfg, self.node)
         m, nodes = cfg.memory, dist.get_world_size() // per_node
         self.parity = None
+        if m.group_size > 1 and nodes % m.group_size:
+            raise ConfigError(
+                "checkpoint.memory.group_size",
+                f"{nodes} nodes of {per_node} ranks do not split into groups of {m.group_size}",
+            )
+        check_machines(group, per_node, m.group_size)
         if m.group_size > 1:
-            if nodes % m.group_size:
-                raise ConfigError(
-                    "checkpoint.memory.group_size",
-                    f"{nodes} nodes of {per_node} ranks do not split into groups of {m.group_size}",
-                )
             shape = [nodes, per_node, m.group_size, m.parity]
             self.parity = NodeGroup(self.directory.parent, self.node, *shape)
         if first == 0:
@@ -196,6 +198,32 @@ class MemoryTier:
         dist.barrier(group=self.group)  # every agent is gone: nothing writes any more
         if dist.get_rank() == 0:
             shutil.rmtree(self.directory.parent, ignore_errors=True)
+
+
+def check_machines(group: dist.ProcessGroup, per_node: int, group_size: int) -> None:
+    """A node's ranks share one machine (one /dev/shm); so do a parity group's nodes: the
+    agents exchange stripes and parity through files (a transport between machines is not
+    built yet)."""
+    hosts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    for first in range(0, len(hosts), per_node):
+        if len(set(hosts[first : first + per_node])) > 1:
+            raise ConfigError(
+                "checkpoint.memory.ranks_per_node",
+                f"ranks {first}-{first + per_node - 1} (node {first // per_node}) run on "
+                f"{sorted(set(hosts[first : first + per_node]))}: a node's ranks must share a "
+                "machine; set it to the ranks per machine (0: LOCAL_WORLD_SIZE)",
+            )
+    span = per_node * group_size
+    for first in range(0, len(hosts), span):
+        if group_size > 1 and len(set(hosts[first : first + span])) > 1:
+            raise ConfigError(
+                "checkpoint.memory.group_size",
+                f"parity group {first // span} spans machines "
+                f"{sorted(set(hosts[first : first + span]))}; parity between machines needs a "
+                "network transport between the agents, not built yet: use group_size=1 (every "
+                "node keeps its own snapshots) or groups of nodes on one machine",
+            )
 
 
 def _describe(layout: dict) -> str:

@@ -17,7 +17,6 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -88,13 +87,15 @@ class Slots:
         if not path.is_file() or path.stat().st_size != offset:
             with open(path, "wb") as f:  # same size: its pages stay (a tmpfs zero-fills new ones)
                 f.truncate(offset)
-        if offset:
-            buffer = np.memmap(path, dtype=np.uint8, mode="r+", shape=(offset,))
-            view = torch.from_numpy(buffer)
-            for tensor, start, nbytes in tensors:
-                view[start : start + nbytes].copy_(_bytes_of(tensor))
-            buffer.flush()
-            del view, buffer
+        fd = os.open(path, os.O_WRONLY)
+        try:  # the kernel copies straight from each tensor's memory (no mapping to fault in)
+            for tensor, start, _ in tensors:
+                data = memoryview(_bytes_of(tensor).numpy())
+                while data:
+                    written = os.pwrite(fd, data, start)
+                    data, start = data[written:], start + written
+        finally:
+            os.close(fd)
         pickled = base64.b64encode(pickle.dumps(objects)).decode()
         manifest["slots"][slot] = {
             "step": step, "size": offset, "entries": entries, "objects": pickled,
@@ -112,21 +113,26 @@ class Slots:
         missing = [k for k in flat if k not in saved and k not in objects]
         if missing:
             raise KeyError(f"the snapshot of step {step} has no {missing[0]}")
-        buffer = np.memmap(self.slot_file(slot), dtype=np.uint8, mode="r") if meta["size"] else None
-        for key, value in flat.items():
-            tensor = _local(value)
-            if tensor is None:
-                flat[key] = objects[key]
-                continue
-            _, dtype, shape, start, nbytes = saved[key]
-            if list(tensor.shape) != shape or str(tensor.dtype) != dtype:
-                raise ValueError(
-                    f"{key}: the snapshot holds {dtype} {shape}, this run {tensor.dtype} "
-                    f"{list(tensor.shape)}"
-                )
-            raw = torch.from_numpy(np.array(buffer[start : start + nbytes]))
-            with torch.no_grad():
-                tensor.copy_(raw.view(tensor.dtype).view(tensor.shape))
+        with open(self.slot_file(slot), "rb", buffering=0) as f:
+            for key, value in flat.items():
+                tensor = _local(value)
+                if tensor is None:
+                    flat[key] = objects[key]
+                    continue
+                _, dtype, shape, start, nbytes = saved[key]
+                if list(tensor.shape) != shape or str(tensor.dtype) != dtype:
+                    raise ValueError(
+                        f"{key}: the snapshot holds {dtype} {shape}, this run {tensor.dtype} "
+                        f"{list(tensor.shape)}"
+                    )
+                direct = tensor.device.type == "cpu" and tensor.is_contiguous()
+                target = tensor if direct else torch.empty_like(tensor, device="cpu")
+                f.seek(start)
+                if f.readinto(memoryview(_bytes_of(target).numpy())) != nbytes:
+                    raise ValueError(f"{key}: the snapshot of step {step} is cut short")
+                if not direct:
+                    with torch.no_grad():
+                        tensor.copy_(target)
 
     def remove(self) -> None:
         for path in (self.manifest, self.slot_file(0), self.slot_file(1)):

@@ -4,6 +4,7 @@ cleans up when the job ends, or when no trainer comes back."""
 
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from skipjack.checkpoint.memory import MemoryTier, node_directory
 from skipjack.checkpoint.snapshot import agent_pid
 from skipjack.checkpoint.state import Progress
-from skipjack.config import CheckpointConfig
+from skipjack.config import CheckpointConfig, ConfigError
 from skipjack.config.checkpoint import MemoryConfig
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
@@ -135,3 +136,25 @@ def test_a_shrunk_world_restores_each_stage_from_a_surviving_replica(tmp_path, m
             break
         time.sleep(0.05)
     assert not root.exists()
+
+
+def on_two_machines(tmp: str, group_size: int) -> str:
+    """Each rank on a machine of its own, as the group sees it."""
+    rank = dist.get_rank()
+    socket.gethostname = lambda: f"machine{rank}"
+    memory = MemoryConfig(interval=1, ranks_per_node=1, group_size=group_size, root=tmp)
+    cfg = CheckpointConfig(dir=f"{tmp}/ckpt", memory=memory)
+    try:
+        MemoryTier(cfg, ParallelDims(dp=2, rank=rank).build_groups()).close()
+    except ConfigError as error:
+        return str(error)
+    return "ok"
+
+
+def test_parity_across_machines_is_refused_until_the_agents_talk_over_the_network(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SKIPJACK_JOB_ID", f"memory-hosts-{os.getpid()}")
+    refused = run_ranks(on_two_machines, 2, str(tmp_path), 2)
+    assert all("checkpoint.memory.group_size" in r and "spans machines" in r for r in refused)
+    assert run_ranks(on_two_machines, 2, str(tmp_path), 1) == ["ok", "ok"]
