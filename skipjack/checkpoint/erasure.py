@@ -73,6 +73,18 @@ class Group:
         data = [stripes[node] for node in self.data_nodes(row)]
         return dict(zip(self.holders(row), _parity(data, self.parity), strict=True))
 
+    def encode_all(self, snapshots: dict[int, np.ndarray]) -> dict[tuple[int, int], np.ndarray]:
+        """Every row's parity blocks by (row, holder) from every node's snapshot, in one place
+        (the agents make the same blocks spread over the group)."""
+        longest = max(len(s) for s in snapshots.values())
+        stripes = {node: self.stripes(node, s, longest) for node, s in snapshots.items()}
+        parities = {}
+        for row in range(self.size):
+            data = {node: stripes[node][row] for node in self.data_nodes(row)}
+            for holder, block in self.encode(row, data).items():
+                parities[(row, holder)] = block
+        return parities
+
     def rebuild(
         self,
         lost: set[int],

@@ -36,14 +36,6 @@ class Tier(Protocol):
     def load(self, state: State) -> None: ...
     def before_update(self) -> None: ...
     def wait(self) -> None: ...
-    def settle(self) -> None:
-        """Wait until every save in flight is complete, the memory tier's parity included (for
-        fault injection: what a kill leaves behind does not depend on timing)."""
-        self.wait()
-        memory = self.tier("memory")
-        if memory is not None:
-            memory.settle()
-
     def close(self) -> None: ...
 
 

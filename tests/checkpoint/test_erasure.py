@@ -10,18 +10,6 @@ from hypothesis import strategies as st
 from skipjack.checkpoint.erasure import Group
 
 
-def encode_all(group, snapshots):
-    """Every row's parity, computed from the nodes' stripes as the agents would."""
-    longest = max(len(s) for s in snapshots.values())
-    stripes = {node: group.stripes(node, snap, longest) for node, snap in snapshots.items()}
-    parities = {}
-    for row in range(group.size):
-        row_stripes = {node: stripes[node][row] for node in group.data_nodes(row)}
-        for holder, block in group.encode(row, row_stripes).items():
-            parities[(row, holder)] = block
-    return parities
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     size=st.integers(2, 6),
@@ -36,7 +24,7 @@ def test_every_loss_pattern_up_to_the_parity_rebuilds_exactly(size, parity, leng
     snapshots = {n: rng.integers(0, 256, lengths[n], dtype=np.uint8) for n in range(size)}
     if not any(len(s) for s in snapshots.values()):
         snapshots[0] = rng.integers(0, 256, 1, dtype=np.uint8)
-    parities = encode_all(group, snapshots)
+    parities = group.encode_all(snapshots)
     lengths = {n: len(s) for n, s in snapshots.items()}
     for count in range(1, parity + 1):
         for lost in itertools.combinations(range(size), count):
