@@ -157,7 +157,7 @@ class MemoryTier:
         return step
 
     def where(self) -> str:
-        return str(self.directory)
+        return str(self._source.directory)  # another node's, after a change of layout
 
     def load(self, state: State) -> None:
         flat = flat_state(state)
