@@ -44,6 +44,7 @@ import torch
 from skipjack.atomic import replacing
 from skipjack.checkpoint.erasure import Group
 from skipjack.checkpoint.manager import CheckpointManager
+from skipjack.checkpoint.slots import flat_state
 from skipjack.config import CheckpointConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.config.checkpoint import MemoryConfig
 from skipjack.data.loader import ShardedLoader
@@ -120,21 +121,10 @@ def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
             tier.load(state)
             rows[name]["restore_s"] = time.perf_counter() - start
             manager.close()
-    size = sum(
-        t.numel() * t.element_size()
-        for part in ("model", "optim")
-        for t in _tensors(state[part].state_dict())
-    )
+    parts = {part: state[part] for part in ("model", "optim")}
+    size = sum(t.numel() * t.element_size() for t in flat_state(parts).values())
     rows["no saves"]["state_bytes"] = size
     return rows
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    if torch.is_tensor(tree):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    return []
 
 
 def erasure_rates(blob_mb: int) -> dict[str, dict[str, float]]:

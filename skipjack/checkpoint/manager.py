@@ -28,6 +28,7 @@ from skipjack.parallel.dims import ParallelDims
 
 class Tier(Protocol):
     name: str
+    notes: list[str]  # what its last restore did besides reading (for the log)
 
     def due(self, step: int) -> bool: ...
     def save(self, step: int, state: State) -> None: ...

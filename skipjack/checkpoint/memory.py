@@ -25,10 +25,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from skipjack.checkpoint.parity import NodeGroup
-from skipjack.checkpoint.slots import Slots, environment_job_id, flat_state, load_flat
+from skipjack.checkpoint.slots import (
+    Slots,
+    environment_job_id,
+    flat_state,
+    load_flat,
+    local_tensor,
+)
 from skipjack.checkpoint.snapshot import ensure_agent, register_trainer, stop_agent
 from skipjack.checkpoint.state import State
 from skipjack.config import CheckpointConfig, ConfigError
@@ -262,10 +267,11 @@ class HostStaging:
         self.done = None
 
     def stage(self, flat: dict) -> dict:
-        local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in flat.items()}
-        gpu = {k: v for k, v in local.items() if torch.is_tensor(v) and v.is_cuda}
+        local = {k: local_tensor(v) for k, v in flat.items()}
+        gpu = {k: v for k, v in local.items() if v is not None and v.is_cuda}
         if not gpu:
-            return local
+            return flat
+        staged = dict(flat)
         if self.stream is None:
             self.stream = torch.cuda.Stream()
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -276,10 +282,10 @@ class HostStaging:
                     buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                     self.buffers[key] = buffer
                 buffer.copy_(tensor, non_blocking=True)
-                local[key] = buffer
+                staged[key] = buffer
             self.done = torch.cuda.Event()
             self.done.record(self.stream)
-        return local
+        return staged
 
     def synchronize(self) -> None:
         if self.done is not None:

@@ -68,6 +68,7 @@ class PersistentTier:
 
     def __init__(self, cfg: CheckpointConfig, model: ModelConfig, dims: ParallelDims, lead: bool):
         self.cfg = cfg
+        self.notes: list[str] = []  # nothing to say besides where it read
         self.model = model
         self.root = Path(cfg.dir).expanduser()
         self.dims = dims

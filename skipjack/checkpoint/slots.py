@@ -24,7 +24,8 @@ from skipjack.atomic import write_text
 from skipjack.checkpoint.sharded import flatten
 
 
-def _local(value) -> torch.Tensor | None:
+def local_tensor(value) -> torch.Tensor | None:
+    """This rank's tensor of a state value (a DTensor's local shard), None for a plain value."""
     if isinstance(value, DTensor):
         return value.to_local()
     return value if torch.is_tensor(value) else None
@@ -72,7 +73,7 @@ class Slots:
         entries, objects, offset = [], {}, 0
         tensors = []
         for key, value in flat.items():
-            tensor = _local(value)
+            tensor = local_tensor(value)
             if tensor is None:
                 objects[key] = value
                 continue
@@ -115,7 +116,7 @@ class Slots:
             raise KeyError(f"the snapshot of step {step} has no {missing[0]}")
         with open(self.slot_file(slot), "rb", buffering=0) as f:
             for key, value in flat.items():
-                tensor = _local(value)
+                tensor = local_tensor(value)
                 if tensor is None:
                     flat[key] = objects[key]
                     continue

@@ -206,9 +206,7 @@ class Trainer:
                     f"(step {self.start}) of the {self.checkpoints.restored_tier} tier, "
                     f"restored in {restore_seconds:.2f} s{steps_lost(self.run_dir, self.start)}"
                 )
-                for note in getattr(
-                    self.checkpoints.tier(self.checkpoints.restored_tier), "notes", []
-                ):
+                for note in self.checkpoints.tier(self.checkpoints.restored_tier).notes:
                     print(f"skipjack: {note}")
         elif job.model.init_from:
             load_model(self.state, job.model, job.model.init_from, dims.group("checkpoint"))
