@@ -44,7 +44,7 @@ import torch
 from skipjack.atomic import replacing
 from skipjack.checkpoint.erasure import Group
 from skipjack.checkpoint.manager import CheckpointManager
-from skipjack.checkpoint.slots import flat_state
+from skipjack.checkpoint.memory import flat_state
 from skipjack.config import CheckpointConfig, ParallelConfig, TrainConfig, TrainJobConfig
 from skipjack.config.checkpoint import MemoryConfig
 from skipjack.data.loader import ShardedLoader

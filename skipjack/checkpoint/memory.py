@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import socket
 import time
@@ -27,15 +28,17 @@ import torch
 import torch.distributed as dist
 
 from skipjack.checkpoint.parity import NodeGroup
-from skipjack.checkpoint.slots import (
-    Slots,
-    environment_job_id,
-    flat_state,
-    load_flat,
-    local_tensor,
+from skipjack.checkpoint.sharded import flatten
+from skipjack.checkpoint.slots import Slots, environment_job_id, local_tensor
+from skipjack.checkpoint.snapshot import (
+    agent_port,
+    ensure_agent,
+    register_trainer,
+    stop_agent,
+    write_peers,
 )
-from skipjack.checkpoint.snapshot import ensure_agent, register_trainer, stop_agent
 from skipjack.checkpoint.state import State
+from skipjack.checkpoint.transport import Remote, reachable_host
 from skipjack.config import CheckpointConfig, ConfigError
 from skipjack.parallel.dims import ParallelDims
 
@@ -65,7 +68,7 @@ class MemoryTier:
                 "checkpoint.memory.group_size",
                 f"{nodes} nodes of {per_node} ranks do not split into groups of {m.group_size}",
             )
-        check_machines(group, per_node, m.group_size)
+        check_machines(group, per_node)
         if m.group_size > 1:
             shape = [nodes, per_node, m.group_size, m.parity]
             self.parity = NodeGroup(self.directory.parent, self.node, *shape)
@@ -73,6 +76,8 @@ class MemoryTier:
             ensure_agent(self.directory, m.linger, shape if self.parity else None)
         dist.barrier(group=group)
         register_trainer(self.directory, rank)
+        if self.parity is not None:
+            self.parity.connect(self._peers(first == 0))
         # what a snapshot restores into: this layout, or one with another dp (the same stage
         # and shard of another replica)
         self.layout = {
@@ -89,6 +94,24 @@ class MemoryTier:
         self._writing: Future | None = None
         self.notes: list[str] = []  # what the last restore did besides reading (for the log)
         self.held = False  # whether any rank held a snapshot when `newest` looked
+
+    def _peers(self, local_first: bool) -> dict:
+        """Collective: every node's agent address and a fresh token for this start of the job;
+        each node's first rank hands them to its agent."""
+        address = (reachable_host(), agent_port(self.directory)) if local_first else None
+        everyone: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, address, group=self.group)
+        token = [secrets.token_hex(16) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(token, src=0, group=self.group)
+        per_node = self.parity.per_node
+        peers = {"token": token[0], "nodes": everyone[::per_node]}
+        if local_first:
+            write_peers(self.directory, peers)
+            if not Remote(address, peers["token"]).answers():
+                raise RuntimeError(f"the snapshot agent of {self.directory} did not take up "
+                                   "the job's new token; see its agent.log")  # fmt: skip
+        dist.barrier(group=self.group)
+        return peers
 
     def due(self, step: int) -> bool:
         return self.cfg.memory.interval > 0 and step % self.cfg.memory.interval == 0
@@ -205,10 +228,21 @@ class MemoryTier:
             shutil.rmtree(self.directory.parent, ignore_errors=True)
 
 
-def check_machines(group: dist.ProcessGroup, per_node: int, group_size: int) -> None:
-    """A node's ranks share one machine (one /dev/shm); so do a parity group's nodes: the
-    agents exchange stripes and parity through files (a transport between machines is not
-    built yet)."""
+def flat_state(state: dict) -> dict:
+    """The flat snapshot of a training state's parts (`<part>/<key>`, as the persistent tier
+    names them)."""
+    return flatten({part: s.state_dict() for part, s in state.items()})
+
+
+def load_flat(state: dict, flat: dict) -> None:
+    """Hand every part of `state` its entries of `flat`."""
+    for part, s in state.items():
+        prefix = f"{part}/"
+        s.load_state_dict({k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)})
+
+
+def check_machines(group: dist.ProcessGroup, per_node: int) -> None:
+    """A node's ranks share one machine: they write into one /dev/shm that their agent keeps."""
     hosts: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
     for first in range(0, len(hosts), per_node):
@@ -219,16 +253,6 @@ def check_machines(group: dist.ProcessGroup, per_node: int, group_size: int) -> 
                 f"{sorted(set(hosts[first : first + per_node]))}: a node's ranks must share a "
                 "machine; set it to the ranks per machine (0: LOCAL_WORLD_SIZE)",
             )
-    span = per_node * group_size
-    for first in range(0, len(hosts), span):
-        if group_size > 1 and len(set(hosts[first : first + span])) > 1:
-            raise ConfigError(
-                "checkpoint.memory.group_size",
-                f"parity group {first // span} spans machines "
-                f"{sorted(set(hosts[first : first + span]))}; parity between machines needs a "
-                "network transport between the agents, not built yet: use group_size=1 (every "
-                "node keeps its own snapshots) or groups of nodes on one machine",
-            )
 
 
 def _describe(layout: dict) -> str:
@@ -238,7 +262,7 @@ def _describe(layout: dict) -> str:
 def rebuild_plan(parity: NodeGroup, steps: list[list[int]]) -> tuple[int | None, list[int]]:
     """On rank 0: the newest step every node holds or its group can rebuild, and the nodes to
     rebuild (`steps[rank]`: the steps that rank holds)."""
-    per_node, size, m = parity.per_node, parity.size, parity.group.parity
+    per_node = parity.per_node
     nodes = len(steps) // per_node
     held = [
         set.intersection(*(set(steps[r]) for r in range(n * per_node, (n + 1) * per_node)))
@@ -248,7 +272,7 @@ def rebuild_plan(parity: NodeGroup, steps: list[list[int]]) -> tuple[int | None,
         lost = [n for n in range(nodes) if step not in held[n]]
         groups: dict[int, tuple[NodeGroup, set[int]]] = {}
         for n in lost:
-            view = NodeGroup(parity.root, n, nodes, per_node, size, m)
+            view = parity.view(n)
             groups.setdefault(view.members[0], (view, set()))[1].add(view.index)
         if all(view.rebuildable(step, indices) for view, indices in groups.values()):
             return step, lost

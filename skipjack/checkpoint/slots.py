@@ -7,6 +7,9 @@ memory copy), plain values are pickled into the manifest. The manifest (`rank<r>
 both slots with their steps and is replaced atomically (temporary name, then rename) only after
 the slot's bytes are written, so a reader sees the old snapshot or the new one, never a torn
 one. Tensors are read back into the state's own tensors, in place.
+
+torch is imported where tensors are copied, not with the module: the snapshot agent reads slots
+(manifests and bytes) and runs without it, so it starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -16,23 +19,29 @@ import json
 import os
 import pickle
 from pathlib import Path
-
-import torch
-from torch.distributed.tensor import DTensor
+from typing import TYPE_CHECKING
 
 from skipjack.atomic import write_text
-from skipjack.checkpoint.sharded import flatten
+
+if TYPE_CHECKING:
+    import torch
 
 
 def local_tensor(value) -> torch.Tensor | None:
     """This rank's tensor of a state value (a DTensor's local shard), None for a plain value."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
     if isinstance(value, DTensor):
         return value.to_local()
     return value if torch.is_tensor(value) else None
 
 
-def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().reshape(-1).view(torch.uint8)
+def _bytes_of(tensor: torch.Tensor):
+    """The tensor's bytes as a writable buffer (a numpy view of its memory)."""
+    import torch
+
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy()
 
 
 class Slots:
@@ -91,7 +100,7 @@ class Slots:
         fd = os.open(path, os.O_WRONLY)
         try:  # the kernel copies straight from each tensor's memory (no mapping to fault in)
             for tensor, start, _ in tensors:
-                data = memoryview(_bytes_of(tensor).numpy())
+                data = memoryview(_bytes_of(tensor))
                 while data:
                     written = os.pwrite(fd, data, start)
                     data, start = data[written:], start + written
@@ -127,13 +136,12 @@ class Slots:
                         f"{list(tensor.shape)}"
                     )
                 direct = tensor.device.type == "cpu" and tensor.is_contiguous()
-                target = tensor if direct else torch.empty_like(tensor, device="cpu")
+                target = tensor if direct else tensor.new_empty(tensor.shape, device="cpu")
                 f.seek(start)
-                if f.readinto(memoryview(_bytes_of(target).numpy())) != nbytes:
+                if f.readinto(memoryview(_bytes_of(target))) != nbytes:
                     raise ValueError(f"{key}: the snapshot of step {step} is cut short")
                 if not direct:
-                    with torch.no_grad():
-                        tensor.copy_(target)
+                    tensor.detach().copy_(target)
 
     def remove(self) -> None:
         for path in (self.manifest, self.slot_file(0), self.slot_file(1)):
@@ -141,19 +149,6 @@ class Slots:
 
     def _write_manifest(self, manifest: dict) -> None:
         write_text(self.manifest, json.dumps(manifest))
-
-
-def flat_state(state: dict) -> dict:
-    """The flat snapshot of a training state's parts (`<part>/<key>`, as the persistent tier
-    names them)."""
-    return flatten({part: s.state_dict() for part, s in state.items()})
-
-
-def load_flat(state: dict, flat: dict) -> None:
-    """Hand every part of `state` its entries of `flat`."""
-    for part, s in state.items():
-        prefix = f"{part}/"
-        s.load_state_dict({k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)})
 
 
 def environment_job_id() -> str | None:

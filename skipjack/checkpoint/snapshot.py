@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from skipjack.atomic import write_text
+from skipjack.atomic import replacing, write_text
 
 POLL = 0.05  # seconds between the agent's looks at its directory
 
@@ -44,7 +44,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _pid(path: Path) -> int | None:
+def _number(path: Path) -> int | None:
     try:
         return int(path.read_text())
     except (FileNotFoundError, ValueError):
@@ -53,7 +53,7 @@ def _pid(path: Path) -> int | None:
 
 def agent_pid(directory: Path) -> int | None:
     """The pid of `directory`'s agent if it runs."""
-    pid = _pid(directory / "agent.pid")
+    pid = _number(directory / "agent.pid")
     return pid if pid is not None and _alive(pid) else None
 
 
@@ -72,7 +72,7 @@ def ensure_agent(directory: Path, linger: float, group: list[int] | None = None)
         _wait_gone(pid, 30.0)
         for name in ("parity", "incoming"):
             shutil.rmtree(directory / name, ignore_errors=True)
-    for name in ("stop", "handover"):
+    for name in ("stop", "handover", "agent.port"):
         (directory / name).unlink(missing_ok=True)
     write_text(directory / "agent.json", settings)
     log = open(directory / "agent.log", "ab")  # noqa: SIM115 (the agent's own from here on)
@@ -122,34 +122,82 @@ def _read(path: Path) -> str | None:
 def run_agent(directory: Path, linger: float, group: list[int] | None = None) -> None:
     (directory / "agent.pid").write_text(str(os.getpid()))
     last_seen = time.monotonic()
-    parity, state = None, {}
+    parity, state, server = None, {}, None
     if group:
-        # imported once the pid is out (torch comes with it): the trainers need not wait for it
+        # imported once the pid is out (numpy and zfec come with it, not torch)
         from skipjack.checkpoint.parity import NodeGroup
+        from skipjack.checkpoint.transport import Server
 
         nodes, per_node, size, m = group
         node = int(directory.name.removeprefix("node"))
         parity = NodeGroup(directory.parent, node, nodes, per_node, size, m)
+        server = Server(parity.files, lambda: parity.peers["token"]).start()
+        write_text(directory / "agent.port", str(server.port))
+    peers = Peers(directory / "peers.json")
     while True:
         if (directory / "handover").exists():
             return  # a new agent takes the directory as it is
         if (directory / "stop").exists() or not directory.is_dir():  # ended, or removed
             break
-        if parity is not None:
+        if parity is not None and peers.changed():
+            parity.connect(peers.value)
+        if parity is not None and peers.value is not None:
             try:
                 parity.advance(state)
             except Exception as error:  # a peer's files mid-write, a node gone: next look
                 print(f"snapshot agent: {type(error).__name__}: {error}", flush=True)
-        pids = [_pid(p) for p in (directory / "trainers").glob("*.pid")]
+        pids = [_number(p) for p in (directory / "trainers").glob("*.pid")]
         if any(pid is not None and _alive(pid) for pid in pids):
             last_seen = time.monotonic()
         elif time.monotonic() - last_seen > linger:
             break
         time.sleep(POLL)
+    if server is not None:
+        server.shutdown()
     shutil.rmtree(directory, ignore_errors=True)
-    parent = directory.parent  # the job's: gone with its last node (group files included)
+    parent = directory.parent  # the job's: gone with its last node of this machine
     if parent.name.startswith("skipjack-") and not any(parent.glob("node*")):
         shutil.rmtree(parent, ignore_errors=True)
+
+
+class Peers:
+    """The group's addresses and token as the node's trainers last wrote them (`write_peers`),
+    re-read when the file changes (after every start of the job)."""
+
+    def __init__(self, path: Path):
+        self.path, self.value, self._stamp = path, None, None
+
+    def changed(self) -> bool:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if stamp == self._stamp:
+            return False
+        try:
+            self.value, self._stamp = json.loads(self.path.read_text()), stamp
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return True
+
+
+def write_peers(directory: Path, peers: dict) -> None:
+    """Hand the agent of `directory` the group's addresses and the job's token (readable by the
+    user only: the token lets its holder read the node's snapshots)."""
+    path = directory / "peers.json"
+    with replacing(path) as tmp:
+        tmp.touch(mode=0o600)
+        tmp.write_text(json.dumps(peers))
+
+
+def agent_port(directory: Path, timeout: float = 60.0) -> int:
+    """The port `directory`'s agent serves its peers on, once it does."""
+    deadline = time.monotonic() + timeout
+    while (port := _number(directory / "agent.port")) is None:
+        if agent_pid(directory) is None or time.monotonic() > deadline:
+            raise RuntimeError(f"the snapshot agent of {directory} serves no port; see agent.log")
+        time.sleep(0.01)
+    return port
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 def _worker(fn: Callable, rank: int, world_size: int, port: int, queue, args: tuple) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # as launchers set them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)

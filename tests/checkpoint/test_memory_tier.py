@@ -14,7 +14,7 @@ import torch.distributed as dist
 from skipjack.checkpoint.memory import MemoryTier, node_directory
 from skipjack.checkpoint.snapshot import agent_pid
 from skipjack.checkpoint.state import Progress
-from skipjack.config import CheckpointConfig, ConfigError
+from skipjack.config import CheckpointConfig
 from skipjack.config.checkpoint import MemoryConfig
 from skipjack.parallel.dims import ParallelDims
 from skipjack.testing import run_ranks
@@ -138,23 +138,45 @@ def test_a_shrunk_world_restores_each_stage_from_a_surviving_replica(tmp_path, m
     assert not root.exists()
 
 
-def on_two_machines(tmp: str, group_size: int) -> str:
-    """Each rank on a machine of its own, as the group sees it."""
+def on_its_own_machine(tmp: str, steps: int) -> tuple:
+    """Three one-rank nodes in one parity group, each on a machine of its own as far as the
+    memory tier can tell (its own host name and /dev/shm): the agents reach each other only over
+    TCP. Saves `steps` snapshots and crashes; or, with no steps, restores and ends the job."""
     rank = dist.get_rank()
     socket.gethostname = lambda: f"machine{rank}"
-    memory = MemoryConfig(interval=1, ranks_per_node=1, group_size=group_size, root=tmp)
-    cfg = CheckpointConfig(dir=f"{tmp}/ckpt", memory=memory)
-    try:
-        MemoryTier(cfg, ParallelDims(dp=2, rank=rank).build_groups()).close()
-    except ConfigError as error:
-        return str(error)
-    return "ok"
+    root = Path(tmp) / f"machine{rank}"
+    root.mkdir(exist_ok=True)
+    memory = MemoryConfig(interval=1, ranks_per_node=1, group_size=3, root=str(root))
+    tier = MemoryTier(CheckpointConfig(dir=f"{tmp}/ckpt", memory=memory), tier_dims(3))
+    if steps:
+        for step in range(1, steps + 1):
+            tier.save(step, {"model": Weights(10 * rank + step), "trainer": Progress(step)})
+        tier.settle()  # the group's parity of the newest snapshot is made
+        return (str(tier.directory),)
+    state = {"model": Weights(0.0), "trainer": Progress()}
+    step = tier.newest()
+    tier.load(state)
+    tier.close()
+    return step, float(state["model"].w[0, 0]), tier.notes
 
 
-def test_parity_across_machines_is_refused_until_the_agents_talk_over_the_network(
+def tier_dims(dp: int) -> ParallelDims:
+    return ParallelDims(dp=dp, rank=dist.get_rank()).build_groups()
+
+
+def test_a_node_lost_with_its_machine_is_rebuilt_from_parity_held_on_other_machines(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("SKIPJACK_JOB_ID", f"memory-hosts-{os.getpid()}")
-    refused = run_ranks(on_two_machines, 2, str(tmp_path), 2)
-    assert all("checkpoint.memory.group_size" in r and "spans machines" in r for r in refused)
-    assert run_ranks(on_two_machines, 2, str(tmp_path), 1) == ["ok", "ok"]
+    monkeypatch.setenv("SKIPJACK_JOB_ID", f"memory-machines-{os.getpid()}")
+    directories = [Path(d) for (d,) in run_ranks(on_its_own_machine, 3, str(tmp_path), 3)]
+    assert len({d.parent.parent for d in directories}) == 3  # nothing shared between machines
+    os.kill(agent_pid(directories[1]), 9)  # machine 1 is gone: its agent and its memory
+    shutil.rmtree(tmp_path / "machine1")
+    results = run_ranks(on_its_own_machine, 3, str(tmp_path), 0)
+    assert [r[:2] for r in results] == [(3, 3.0), (3, 13.0), (3, 23.0)]
+    assert results[0][2] == ["rebuilt the snapshots of node(s) [1] from parity"]
+    for _ in range(100):  # every machine's agent removed its job directory
+        if not any(d.parent.exists() for d in directories):
+            break
+        time.sleep(0.05)
+    assert not any(d.parent.exists() for d in directories)

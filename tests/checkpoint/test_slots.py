@@ -45,7 +45,7 @@ def test_a_crash_while_writing_leaves_the_other_snapshot_whole(tmp_path, monkeyp
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("killed")
-        return tensor.detach().reshape(-1).view(torch.uint8)
+        return tensor.detach().reshape(-1).view(torch.uint8).numpy()
 
     monkeypatch.setattr(slots_module, "_bytes_of", dying)
     with pytest.raises(RuntimeError, match="killed"):
