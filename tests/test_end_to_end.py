@@ -64,8 +64,8 @@ def test_resume_through_the_cli_continues_the_run_exactly(tmp_path):
     [
         ["parallel.dp=2"],
         ["parallel.tp=2", "parallel.sequence_parallel=true"],
-        # GaLore+ on tp shards, with every feature on within 12 steps
-        ["parallel.tp=2", "optim=galore_plus", "optim.galore.update_proj_gap=4"],
+        # GaLore+ on tp shards, with every feature on within 12 steps, under EST's subnets
+        ["parallel.tp=2", "optim=galore_plus", "optim.galore.update_proj_gap=4", "regime=est"],
         ["parallel.pp=2", "parallel.partition=redistribute"],
         ["parallel.pp=2", "parallel.vocab_parallel=alg2"],
     ],

@@ -164,17 +164,21 @@ class ScheduleState:
 
 
 class Progress:
-    """The trainer's counters: optimizer steps done, tokens trained on, training FLOPs run."""
+    """The trainer's counters: optimizer steps done, tokens trained on, training FLOPs run, and
+    what those steps would have run with every block whole (a regime's savings)."""
 
-    def __init__(self, step: int = 0, tokens: int = 0, flops: float = 0.0):
-        self.step, self.tokens, self.flops = step, tokens, flops
+    def __init__(
+        self, step: int = 0, tokens: int = 0, flops: float = 0.0, dense_flops: float = 0.0
+    ):
+        self.step, self.tokens, self.flops, self.dense_flops = step, tokens, flops, dense_flops
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "flops": self.flops}
+        return {"step": self.step, "tokens": self.tokens, "flops": self.flops,
+                "dense_flops": self.dense_flops}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.flops = float(state["flops"])
+        self.flops, self.dense_flops = float(state["flops"]), float(state["dense_flops"])
 
 
 class RNGState:

@@ -1,6 +1,6 @@
 """Structured config schema: every knob of a skipjack job, with its default and its check, one
-module per section (model, data, parallel, optim, train, checkpoint, logs, launch) and the whole
-job in `job.py`.
+module per section (model, data, parallel, optim, regime, train, checkpoint, logs, launch) and
+the whole job in `job.py`.
 
 The dataclasses are registered in Hydra's ConfigStore; the YAML tree in `skipjack/configs/` fills
 them. A field that takes one of a few fixed strings is typed by a `Choice` (a str Enum; OmegaConf's
@@ -43,6 +43,7 @@ from skipjack.config.optim import (
     SvdMethod,
 )
 from skipjack.config.parallel import ParallelConfig, Partition, Schedule, VocabParallel, resolve_dp
+from skipjack.config.regime import EstConfig, RegimeConfig
 from skipjack.config.train import Device, Dtype, TrainConfig
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "DataKind",
     "Device",
     "Dtype",
+    "EstConfig",
     "GALORE_CHOICES",
     "GaLoreConfig",
     "HfDtype",
@@ -66,6 +68,7 @@ __all__ = [
     "PreprocessConfig",
     "ProjType",
     "RayLaunch",
+    "RegimeConfig",
     "RopeScalingConfig",
     "RopeType",
     "Schedule",

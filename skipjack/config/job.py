@@ -16,6 +16,7 @@ from skipjack.config.logs import LoggingConfig, validate_logging
 from skipjack.config.model import ModelConfig, validate_model, validate_tensor_parallel
 from skipjack.config.optim import OptimConfig, validate_optim
 from skipjack.config.parallel import ParallelConfig, resolve_dp, validate_parallel
+from skipjack.config.regime import RegimeConfig, validate_regime
 from skipjack.config.train import TrainConfig, validate_train
 
 
@@ -30,6 +31,7 @@ class TrainJobConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
 
 
 def register_configs() -> None:
@@ -77,6 +79,7 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
             f"{dp} x {t.micro_batch_size}; make it a multiple of {dp * t.micro_batch_size}",
         )
     validate_optim(cfg.optim)
+    validate_regime(cfg.regime)
     if cfg.optim.name != "adamw" and p.tp > m.n_kv_heads:
         raise ConfigError(
             "optim.name",

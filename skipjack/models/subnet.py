@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from skipjack.config.model import ModelConfig
+
 
 @dataclass(frozen=True)
 class Subnet:
@@ -41,3 +43,29 @@ def complement(active: torch.Tensor, n: int) -> torch.Tensor:
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The rows (or columns) of a head-major weight that heads `heads` own."""
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+def shard_subnet(
+    heads: torch.Tensor | None,
+    neurons: torch.Tensor | None,
+    model: ModelConfig,
+    tp_rank: int,
+    tp: int,
+    head_scale: float = 1.0,
+    neuron_scale: float = 1.0,
+) -> Subnet:
+    """This tensor-parallel shard's part of a block's global selection (sorted global head and
+    neuron indices; None: all): the local indices of the selected heads and neurons it holds,
+    which may be none (its matmuls then have no rows; the collectives still run)."""
+    return Subnet(
+        heads=None if heads is None else _local(heads, model.n_heads // tp, tp_rank),
+        neurons=None if neurons is None else _local(neurons, model.ffn_dim // tp, tp_rank),
+        head_scale=head_scale,
+        neuron_scale=neuron_scale,
+    )
+
+
+def _local(selected: torch.Tensor, per_shard: int, shard: int) -> torch.Tensor:
+    first = shard * per_shard
+    mine = (selected >= first) & (selected < first + per_shard)
+    return selected[mine] - first

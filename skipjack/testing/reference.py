@@ -11,14 +11,16 @@ from skipjack.config import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    RegimeConfig,
     TrainConfig,
     TrainJobConfig,
 )
 from skipjack.data.loader import ShardedLoader
+from skipjack.optim.regime import build_regime
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.shard_spec import all_gather_full, spec_of
 from skipjack.trainer.engine import NativeEngine
-from skipjack.trainer.trainer import train_step, training_state
+from skipjack.trainer.trainer import step_plan, train_step, training_state
 
 CPU = torch.device("cpu")
 
@@ -82,8 +84,10 @@ def train_reference(
     vpp: int = 1,
     vocab_parallel: str = "none",
     optim: OptimConfig | None = None,
+    regime: RegimeConfig | None = None,
 ) -> list[dict]:
-    """Run `steps` training steps in the current process group (dp = world / (pp x tp)).
+    """Run `steps` training steps in the current process group (dp = world / (pp x tp)), each
+    along the plan of `regime` (default: none, the full model).
 
     Returns per step the global loss and every gradient, assembled whole from its shards by
     shard spec and from every pipeline stage (before the optimizer step), so any layout
@@ -111,21 +115,29 @@ def train_reference(
             seed=seed,
             dtype="fp32",
         ),
+        regime=regime or RegimeConfig(),
     )
     dims, loader, engine = build_run(job, seed)
+    regime_of_rank = build_regime(job, dims)
     history = []
-    for _ in range(steps):
-        loss = engine.forward_backward(loader.next())
+    for step in range(1, steps + 1):
+        plan = step_plan(engine, regime_of_rank, step)
+        loss = engine.forward_backward(loader.next(), plan)
         grads = {
-            n: all_gather_full(p.grad, spec_of(p), dims.groups)[: spec_of(p).unpadded_shape[0]]
+            n: all_gather_full(_grad(p), spec_of(p), dims.groups)[: spec_of(p).unpadded_shape[0]]
             for module in engine.model  # stage chunks and vocabulary shards
             for n, p in module.named_parameters()
         }
         stage_grads = [None] * pp
         dist.all_gather_object(stage_grads, grads, group=dims.group("pp"))
-        engine.optimizer_step()
+        engine.optimizer_step(plan)
         history.append({"loss": loss, "grads": {k: v for g in stage_grads for k, v in g.items()}})
     return history
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """p's gradient; zeros where the step did not reach it (a block the plan skipped)."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def assert_same_history(reference: list[dict], other: list[dict], rtol: float = 1e-5) -> None:
@@ -133,7 +145,8 @@ def assert_same_history(reference: list[dict], other: list[dict], rtol: float = 
     for step, (ref, got) in enumerate(zip(reference, other, strict=True)):
         assert abs(got["loss"] - ref["loss"]) <= rtol * abs(ref["loss"]), (step, ref, got)
         for name, g in ref["grads"].items():
-            err = float((got["grads"][name] - g).norm() / g.norm())
+            diff = float((got["grads"][name] - g).norm())  # 0 for a block both skipped
+            err = diff / float(g.norm()) if diff else 0.0
             assert err <= rtol, f"step {step} {name}: relative error {err:.2e}"
 
 
@@ -153,6 +166,7 @@ def checkpointed_run(
     optim: OptimConfig | None = None,
     device: torch.device = CPU,
     dtype: str = "fp32",
+    regime: RegimeConfig | None = None,
 ) -> dict[int, float]:
     """Train a run of `steps` steps (the LR schedule's length) up to step `until` (default: the
     end) with the trainer's step function in the current process group (dp = world / (pp x tp))
@@ -172,13 +186,16 @@ def checkpointed_run(
         checkpoint=CheckpointConfig(
             interval=interval, dir=checkpoint_dir, keep_last=10, resume=resume
         ),
+        regime=regime or RegimeConfig(),
     )
     dims, loader, engine = build_run(job, 0, device)
     checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, dist.get_rank() == 0)
-    state = training_state(engine, loader)
+    regime_of_rank = build_regime(job, dims)
+    state = training_state(engine, loader, regime_of_rank)
     start = checkpoints.restore(state) or 0
     losses = {}
     for step in range(start + 1, (until or steps) + 1):
-        losses[step] = train_step(engine, loader, step, checkpoints, state).loss
+        plan = step_plan(engine, regime_of_rank, step)
+        losses[step] = train_step(engine, loader, step, checkpoints, state, plan).loss
     checkpoints.close()
     return losses

@@ -14,7 +14,7 @@ global mean loss.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -45,6 +45,7 @@ class StepResult:
     lr: float  # the learning rate the update used
     grad_norm: float  # global gradient norm before clipping
     flops: float  # training FLOPs the plan ran, over every rank
+    dense_flops: float  # what its routes cost with every block whole (flops - dense: saved)
 
 
 class Engine(Protocol):
@@ -129,7 +130,14 @@ class NativeEngine:
     def flops(self, plan: StepPlan, micro: list[MicroBatch]) -> float:
         """Training FLOPs of a step along `plan` on micro-batches shaped like `micro`'s."""
         tokens = micro[0].tokens.numel()
-        return plan_flops(self.model_config, self.seq_len, self.layers, plan, tokens, self.dims.tp)
+        tp = self.dims.tp
+        add = self._add_over_tp if tp > 1 and plan.subnets else None
+        return plan_flops(self.model_config, self.seq_len, self.layers, plan, tokens, tp, add)
+
+    def _add_over_tp(self, value: float) -> float:
+        total = torch.tensor(value, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.dims.group("tp"))
+        return float(total)
 
     def _targets(self, micro: list[MicroBatch]) -> torch.Tensor:
         """Target tokens of the whole global batch (all micro-batches, all replicas), counted
@@ -181,7 +189,9 @@ class NativeEngine:
         if before_update is not None:
             before_update()
         grad_norm = self.optimizer_step(plan)
-        return StepResult(loss, lr, grad_norm, self.flops(plan, micro))
+        flops = self.flops(plan, micro)
+        dense = self.flops(replace(plan, subnets={}), micro) if plan.subnets else flops
+        return StepResult(loss, lr, grad_norm, flops, dense)
 
     def _inactive(self, plan: StepPlan | None) -> list[Slice]:
         if plan is None or not plan.subnets:

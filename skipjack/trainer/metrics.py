@@ -52,7 +52,7 @@ class Metrics:
         self.device = device
         self.enabled = enabled
         self.peak = peak_flops(device)
-        self.flops_total = 0.0
+        self.flops_total = self.dense_total = 0.0
         self.tokens_total = 0
         self.history: list[dict] = []
         self.wandb_run = wandb_run
@@ -71,9 +71,9 @@ class Metrics:
                 "train", total=total_steps, loss=float("nan"), tps=0.0
             )
 
-    def resume(self, tokens: int, flops: float) -> None:
+    def resume(self, tokens: int, flops: float, dense_flops: float) -> None:
         """Continue the totals of a resumed run."""
-        self.tokens_total, self.flops_total = tokens, flops
+        self.tokens_total, self.flops_total, self.dense_total = tokens, flops, dense_flops
 
     def step(
         self,
@@ -84,8 +84,11 @@ class Metrics:
         val_loss: float | None = None,
         log: bool = True,
         optimizer_state_bytes: int | None = None,
+        regime: dict | None = None,
     ) -> dict:
-        """Account one step of `tokens` that took `seconds`; write it when `log` or validated."""
+        """Account one step of `tokens` that took `seconds`; write it when `log` or validated.
+        `regime`: what a training regime kept this step (its rates), logged with the share of
+        FLOPs its subnetworks saved so far."""
         record = {"step": step, "time": time.time()}  # wall clock (Unix seconds) at its end
         if result is not None:
             self.tokens_total += tokens
@@ -105,6 +108,9 @@ class Metrics:
             )
             if self.peak:
                 record["mfu"] = record["flops_per_s"] / self.peak
+            self.dense_total += result.dense_flops
+            if regime is not None:
+                record.update(regime=regime, flops_saved=1.0 - self.flops_total / self.dense_total)
         if val_loss is not None:
             record.update(val_loss=val_loss, val_ppl=_perplexity(val_loss))
         if self._progress is not None:
@@ -115,6 +121,7 @@ class Metrics:
             if val_loss is not None:
                 self._progress.console.print(
                     f"step {step}: val_loss {val_loss:.4f}  ppl {record['val_ppl']:.2f}"
+                    + (_describe_regime(record) if "regime" in record else "")
                 )
         if self.enabled and (log or val_loss is not None):
             self.history.append(record)
@@ -194,3 +201,9 @@ def plot_losses(history: list[dict], path: Path, title: str) -> Path:
         fig.savefig(tmp)
     plt.close(fig)
     return path
+
+
+def _describe_regime(record: dict) -> str:
+    kept = "  ".join(f"{k} {v:.2f}" for k, v in record["regime"].items() if k != "stage")
+    stage = f"stage {record['regime']['stage']}: " if "stage" in record["regime"] else ""
+    return f"  | {stage}{kept}; FLOPs saved so far {100 * record['flops_saved']:.1f}%"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -55,19 +56,27 @@ def stage_layers(job: TrainJobConfig, num_stages: int) -> list[range]:
 
 
 def plan_flops(
-    m: ModelConfig, seq_len: int, layers: list[range], plan: StepPlan, tokens: int, tp: int = 1
+    m: ModelConfig,
+    seq_len: int,
+    layers: list[range],
+    plan: StepPlan,
+    tokens: int,
+    tp: int = 1,
+    add_shards: Callable[[float], float] | None = None,
 ) -> float:
     """Training FLOPs (3 x forward) of a step along `plan`, microbatches of `tokens` tokens:
     for each microbatch the blocks of the stages its route visits, each running the plan's
-    subnet of it (a subnet names one tensor-parallel shard's heads and neurons; every shard is
-    counted alike), and the output layer. The full plan gives `flops_per_token` x tokens."""
+    subnet of it, and the output layer. A subnet names one tensor-parallel shard's heads and
+    neurons: `add_shards` adds up the shards' counts (a regime's global selection falls
+    unevenly on them; a collective), else every shard is counted as this one. The full plan gives
+    `flops_per_token` x tokens."""
     per_stage = [
-        sum(tp * block_flops(m, seq_len, plan.subnets.get(b), tp) for b in blocks)
-        for blocks in layers
+        sum(block_flops(m, seq_len, plan.subnets.get(b), tp) for b in blocks) for blocks in layers
     ]
     routes = [hops for replica in plan.routes for hops in replica]
-    forward = sum(sum(per_stage[stage] for _, stage in hops) for hops in routes)
-    return 3.0 * tokens * (forward + len(routes) * output_flops(m))
+    blocks = sum(sum(per_stage[stage] for _, stage in hops) for hops in routes)
+    blocks = add_shards(blocks) if add_shards is not None else tp * blocks
+    return 3.0 * tokens * (blocks + len(routes) * output_flops(m))
 
 
 def pipeline_cost_model(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from skipjack.data.loader import ShardedLoader
 from skipjack.data.source import build_datasets
 from skipjack.models.llama import num_parameters
 from skipjack.optim.builder import planned_state_bytes, state_bytes
+from skipjack.optim.regime import Regime, build_regime
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.plan import StepPlan
 from skipjack.trainer.engine import Engine, NativeEngine, StepResult
@@ -34,10 +36,19 @@ from skipjack.trainer.faults import inject_fault
 from skipjack.trainer.metrics import Metrics
 
 
-def training_state(engine: Engine, loader: ShardedLoader) -> State:
+def training_state(engine: Engine, loader: ShardedLoader, regime: Regime | None = None) -> State:
     """Everything a checkpoint holds: the engine's parts, the data position, the trainer's
-    counters and the random generator."""
-    return {**engine.state(), "loader": loader, "trainer": Progress(), "rng": RNGState()}
+    counters, the random generator and the training regime's state, if any."""
+    state = {**engine.state(), "loader": loader, "trainer": Progress(), "rng": RNGState()}
+    return state if regime is None else {**state, "regime": regime}
+
+
+def step_plan(engine: Engine, regime: Regime | None, step: int) -> StepPlan:
+    """The plan of optimizer step `step`, made once per step and the same on every replica: the
+    engine's routes (SkipPipe's paths, or the full pipeline) with the regime's subnets (this
+    tensor-parallel shard's part of them)."""
+    plan = engine.plan(step)
+    return plan if regime is None else replace(plan, subnets=regime.subnets(step))
 
 
 def train_step(
@@ -59,6 +70,7 @@ def train_step(
         progress = state["trainer"]
         progress.step, progress.tokens = step, loader.consumed_samples * micro[0].tokens.shape[1]
         progress.flops += result.flops
+        progress.dense_flops += result.dense_flops
     if checkpoints is not None and checkpoints.due(step):
         checkpoints.save(step, state)
     return result
@@ -183,7 +195,10 @@ class Trainer:
                 f"skipjack: optimizer {job.optim.name}: "
                 f"{planned_state_bytes(self.engine.optimizer) / 2**20:.2f} MiB of state on rank 0"
             )
-        self.state = training_state(self.engine, self.loader)
+        self.regime = build_regime(job, dims)
+        if self.lead and self.regime is not None:
+            print(f"skipjack: regime {self.regime.describe()}")
+        self.state = training_state(self.engine, self.loader, self.regime)
         self.checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, self.lead)
         started = time.perf_counter()
         restored = self.checkpoints.restore(self.state)
@@ -199,7 +214,7 @@ class Trainer:
         if restored is not None:
             progress = self.state["trainer"]
             self.start = progress.step
-            self.metrics.resume(progress.tokens, progress.flops)
+            self.metrics.resume(progress.tokens, progress.flops, progress.dense_flops)
             if self.lead:
                 print(
                     f"skipjack: resumed from {self.checkpoints.restored_from} "
@@ -233,9 +248,7 @@ class Trainer:
         return self._finish(val_losses)
 
     def plan(self, step: int) -> StepPlan:
-        """The plan of optimizer step `step`, made once per step and the same on every rank: the
-        engine's (SkipPipe's paths, or the full pipeline)."""
-        return self.engine.plan(step)
+        return step_plan(self.engine, self.regime, step)
 
     def _loop(self) -> list[float]:
         job, t, engine = self.job, self.job.train, self.engine
@@ -262,6 +275,7 @@ class Trainer:
                 val_loss,
                 log=step % job.logging.interval == 0 or step == t.steps,
                 optimizer_state_bytes=state_bytes(engine.optimizer),
+                regime=self.regime.rates(step) if self.regime is not None else None,
             )
             if self.lead:
                 write_text(self.run_dir / REACHED, json.dumps({"step": step}))
