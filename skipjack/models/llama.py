@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 
@@ -148,6 +148,9 @@ class Attention(nn.Module):
         self.wk = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads, kv_shards)
         self.wv = column_parallel(cfg.dim, cfg.n_kv_heads * hd, tp, kv_heads, kv_shards)
         self.wo = row_parallel(cfg.n_heads * hd, cfg.dim, tp, HeadLayout(1, cfg.n_heads, hd))
+        # called in training forwards with (per-head outputs (b, s, heads, hd), the output
+        # weight's columns of those heads, the local heads or None): a regime's importance
+        self.observer: Callable | None = None
 
     def forward(
         self,
@@ -189,6 +192,8 @@ class Attention(nn.Module):
             is_causal=mask is None,
             enable_gqa=n_kv != n_q,
         )
+        if self.observer is not None and torch.is_grad_enabled():
+            self.observer(out.detach().transpose(1, 2), wo.detach(), heads)
         return F.linear(out.transpose(1, 2).reshape(b, s, -1), wo)
 
 
@@ -200,15 +205,22 @@ class FeedForward(nn.Module):
         self.w1 = column_parallel(cfg.dim, cfg.ffn_dim, tp)
         self.w3 = column_parallel(cfg.dim, cfg.ffn_dim, tp)
         self.w2 = row_parallel(cfg.ffn_dim, cfg.dim, tp)
+        # called in training forwards with (hidden activations (b, s, neurons), the down
+        # projection's columns of those neurons, the local neurons or None)
+        self.observer: Callable | None = None
 
     def forward(self, x: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
         """`neurons`: only these local hidden neurons run (rows of w1 and w3, columns of w2)."""
         if neurons is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        neurons = neurons.to(x.device)
-        w1, w3 = (m.weight.index_select(0, neurons) for m in (self.w1, self.w3))
+            w1, w3, w2 = self.w1.weight, self.w3.weight, self.w2.weight
+        else:
+            neurons = neurons.to(x.device)
+            w1, w3 = (m.weight.index_select(0, neurons) for m in (self.w1, self.w3))
+            w2 = self.w2.weight.index_select(1, neurons)
         hidden = F.silu(F.linear(x, w1)) * F.linear(x, w3)
-        return F.linear(hidden, self.w2.weight.index_select(1, neurons))
+        if self.observer is not None and torch.is_grad_enabled():
+            self.observer(hidden.detach(), w2.detach(), neurons)
+        return F.linear(hidden, w2)
 
 
 FULL = Subnet()  # every head and neuron, unscaled

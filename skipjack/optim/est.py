@@ -79,6 +79,9 @@ class EST:
             )
         return out
 
+    def after_step(self) -> None:
+        pass  # the samples depend on nothing the step measured
+
     def describe(self) -> str:
         c = self.cfg
         return (

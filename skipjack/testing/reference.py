@@ -118,7 +118,7 @@ def train_reference(
         regime=regime or RegimeConfig(),
     )
     dims, loader, engine = build_run(job, seed)
-    regime_of_rank = build_regime(job, dims)
+    regime_of_rank = build_regime(job, dims, engine.blocks())
     history = []
     for step in range(1, steps + 1):
         plan = step_plan(engine, regime_of_rank, step)
@@ -131,6 +131,8 @@ def train_reference(
         stage_grads = [None] * pp
         dist.all_gather_object(stage_grads, grads, group=dims.group("pp"))
         engine.optimizer_step(plan)
+        if regime_of_rank is not None:
+            regime_of_rank.after_step()
         history.append({"loss": loss, "grads": {k: v for g in stage_grads for k, v in g.items()}})
     return history
 
@@ -190,12 +192,13 @@ def checkpointed_run(
     )
     dims, loader, engine = build_run(job, 0, device)
     checkpoints = CheckpointManager.for_job(job.checkpoint, job.model, dims, dist.get_rank() == 0)
-    regime_of_rank = build_regime(job, dims)
+    regime_of_rank = build_regime(job, dims, engine.blocks())
     state = training_state(engine, loader, regime_of_rank)
     start = checkpoints.restore(state) or 0
     losses = {}
     for step in range(start + 1, (until or steps) + 1):
         plan = step_plan(engine, regime_of_rank, step)
-        losses[step] = train_step(engine, loader, step, checkpoints, state, plan).loss
+        result = train_step(engine, loader, step, checkpoints, state, plan, regime_of_rank)
+        losses[step] = result.loss
     checkpoints.close()
     return losses

@@ -73,6 +73,8 @@ class Engine(Protocol):
 
     def state(self) -> State: ...
 
+    def blocks(self) -> dict[int, torch.nn.Module]: ...
+
 
 class NativeEngine:
     """This rank's part of the model (pipeline chunks, and the vocabulary shards if any), its
@@ -193,10 +195,14 @@ class NativeEngine:
         dense = self.flops(replace(plan, subnets={}), micro) if plan.subnets else flops
         return StepResult(loss, lr, grad_norm, flops, dense)
 
+    def blocks(self) -> dict[int, torch.nn.Module]:
+        """This rank's blocks by global layer index."""
+        return {int(i): b for chunk in self.runtime.chunks for i, b in chunk.layers.items()}
+
     def _inactive(self, plan: StepPlan | None) -> list[Slice]:
         if plan is None or not plan.subnets:
             return []
-        blocks = {int(i): b for chunk in self.runtime.chunks for i, b in chunk.layers.items()}
+        blocks = self.blocks()
         return [
             piece
             for index, subnet in plan.subnets.items()

@@ -58,6 +58,7 @@ def train_step(
     checkpoints: CheckpointManager | None = None,
     state: State | None = None,
     plan: StepPlan | None = None,
+    regime: Regime | None = None,
 ) -> StepResult:
     """Optimizer step `step` along `plan` (default: the full plan) on the loader's next global
     batch, the counters of `state` advanced, then the saves of `state` that are due (started,
@@ -66,6 +67,8 @@ def train_step(
     micro = loader.next()
     before_update = checkpoints.before_update if checkpoints is not None else None
     result = engine.step(micro, before_update, plan)
+    if regime is not None:
+        regime.after_step()
     if state is not None:
         progress = state["trainer"]
         progress.step, progress.tokens = step, loader.consumed_samples * micro[0].tokens.shape[1]
@@ -195,7 +198,7 @@ class Trainer:
                 f"skipjack: optimizer {job.optim.name}: "
                 f"{planned_state_bytes(self.engine.optimizer) / 2**20:.2f} MiB of state on rank 0"
             )
-        self.regime = build_regime(job, dims)
+        self.regime = build_regime(job, dims, self.engine.blocks())
         if self.lead and self.regime is not None:
             print(f"skipjack: regime {self.regime.describe()}")
         self.state = training_state(self.engine, self.loader, self.regime)
@@ -261,7 +264,9 @@ class Trainer:
             started = time.perf_counter()
             inject_fault(self.dims.rank, step, self._snapshots, self._settle)
             plan = self.plan(step)
-            result = train_step(engine, self.loader, step, self.checkpoints, self.state, plan)
+            result = train_step(
+                engine, self.loader, step, self.checkpoints, self.state, plan, self.regime
+            )
             seconds = time.perf_counter() - started
             val_loss = None
             if self.val_batches and (step % t.val_interval == 0 or step == t.steps):

@@ -1,0 +1,108 @@
+"""Training regimes against full training, side by side in one run, through the CLI.
+
+    python bench/regimes.py [--steps 300] [--est stage1_until=0.3,p_layers=0.5 ...]
+                            [--json F] [--plot F]
+
+Pre-training from scratch on the built-in corpus (the default job: `tiny`, 8 x 256 tokens a step,
+AdamW): the full model, then EST with each `--est` setting (overrides of `regime.est`; default:
+the shipped defaults). Per run: training FLOPs (what the plans computed), FLOPs saved, training
+seconds (the steps alone, validation excluded), tokens/s, and the final validation loss with its
+excess over the full run's. `--plot` draws validation loss against training FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from skipjack.atomic import replacing
+from skipjack.trainer.metrics import read_metrics
+
+
+def train(run_dir: Path, steps: int, overrides: list[str]) -> list[dict]:
+    command = [
+        sys.executable, "-m", "skipjack.cli", "train", f"train.steps={steps}",
+        f"train.val_interval={max(steps // 10, 1)}", "train.val_batches=8",
+        "logging.interval=1", "logging.progress=false", "logging.plot=false",
+        "logging.wandb=false", f"hydra.run.dir={run_dir}", *overrides,
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return read_metrics(run_dir)
+
+
+def summary(name: str, records: list[dict]) -> dict:
+    steps = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps[:1]) + sum(
+        (b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(steps, steps[1:])
+    )
+    return {
+        "run": name,
+        "flops": steps[-1]["flops_total"],
+        "flops_saved": steps[-1].get("flops_saved", 0.0),
+        "train_seconds": seconds,
+        "tokens_per_s": steps[-1]["tokens"] / seconds,
+        "val_loss": val[-1]["val_loss"],
+        "curve": [(r.get("flops_total", 0.0), r["val_loss"]) for r in val],
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for row in rows:
+        flops, losses = zip(*row["curve"], strict=True)
+        ax.plot([f / 1e12 for f in flops], losses, "o-", label=row["run"], linewidth=1.4)
+    ax.set_xlabel("training TFLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("skipjack regimes: validation loss against training FLOPs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with replacing(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--est", action="append", default=None, help="k=v,... of regime.est")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    settings = args.est or [""]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(summary("full", train(Path(tmp) / "full", args.steps, [])))
+        for i, setting in enumerate(settings):
+            overrides = ["regime=est"] + [f"regime.est.{kv}" for kv in setting.split(",") if kv]
+            name = f"EST {setting}" if setting else "EST (defaults)"
+            rows.append(summary(name, train(Path(tmp) / f"est{i}", args.steps, overrides)))
+    full = rows[0]
+    print(f"{'run':48s} {'TFLOPs':>8s} {'saved':>6s} {'train s':>8s} {'tok/s':>7s} "
+          f"{'val loss':>8s} {'excess':>7s}")  # fmt: skip
+    for row in rows:
+        row["val_excess"] = row["val_loss"] / full["val_loss"] - 1.0
+        row["time_ratio"] = row["train_seconds"] / full["train_seconds"]
+        print(
+            f"{row['run']:48s} {row['flops'] / 1e12:8.3f} {100 * row['flops_saved']:5.1f}% "
+            f"{row['train_seconds']:8.1f} {row['tokens_per_s']:7.0f} {row['val_loss']:8.4f} "
+            f"{100 * row['val_excess']:+6.2f}%"
+        )
+    if args.json:
+        with replacing(args.json) as tmp:
+            tmp.write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
