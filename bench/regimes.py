@@ -1,13 +1,18 @@
 """Training regimes against full training, side by side in one run, through the CLI.
 
-    python bench/regimes.py [--steps 300] [--est stage1_until=0.3,p_layers=0.5 ...]
-                            [--json F] [--plot F]
+    python bench/regimes.py [--steps 300] [--continued 150] [--est k=v,... ...]
+                            [--sat k=v ...] [--json F] [--plot F]
 
-Pre-training from scratch on the built-in corpus (the default job: `tiny`, 8 x 256 tokens a step,
-AdamW): the full model, then EST with each `--est` setting (overrides of `regime.est`; default:
-the shipped defaults). Per run: training FLOPs (what the plans computed), FLOPs saved, training
-seconds (the steps alone, validation excluded), tokens/s, and the final validation loss with its
-excess over the full run's. `--plot` draws validation loss against training FLOPs.
+1. **Pre-training from scratch** on the built-in corpus (the default job: `tiny`, 8 x 256 tokens
+   a step, AdamW): the full model, then EST with each `--est` setting (overrides of
+   `regime.est`; default: the shipped defaults).
+2. **Continual pre-training** from the full run's last checkpoint (`model.init_from`, another
+   data seed, `--continued` steps): the full model, then SAT with each `--sat` setting
+   (overrides of `regime.sat`).
+
+Per run: training FLOPs (what the plans computed), FLOPs saved, training seconds (the steps
+alone, validation excluded), tokens/s, and the final validation loss with its excess over the
+full run of the same part. `--plot` draws validation loss against training FLOPs.
 """
 
 from __future__ import annotations
@@ -37,9 +42,8 @@ def train(run_dir: Path, steps: int, overrides: list[str]) -> list[dict]:
 def summary(name: str, records: list[dict]) -> dict:
     steps = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps[:1]) + sum(
-        (b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(steps, steps[1:])
-    )
+    per_step = steps[0]["tokens"]  # tokens of one step (the run starts at step 1)
+    seconds = sum(per_step / r["tokens_per_s"] for r in steps)
     return {
         "run": name,
         "flops": steps[-1]["flops_total"],
@@ -51,21 +55,22 @@ def summary(name: str, records: list[dict]) -> dict:
     }
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(parts: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for row in rows:
-        flops, losses = zip(*row["curve"], strict=True)
-        ax.plot([f / 1e12 for f in flops], losses, "o-", label=row["run"], linewidth=1.4)
-    ax.set_xlabel("training TFLOPs")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("skipjack regimes: validation loss against training FLOPs")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(parts), figsize=(12, 4.5), dpi=120)
+    for ax, (part, rows) in zip(axes, parts.items(), strict=True):
+        for row in rows:
+            flops, losses = zip(*row["curve"], strict=True)
+            ax.plot([f / 1e12 for f in flops], losses, "o-", label=row["run"], linewidth=1.4)
+        ax.set_xlabel("training TFLOPs")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(part)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     with replacing(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
@@ -74,34 +79,50 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--continued", type=int, default=150)
     parser.add_argument("--est", action="append", default=None, help="k=v,... of regime.est")
+    parser.add_argument("--sat", action="append", default=None, help="k=v;... of regime.sat")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    settings = args.est or [""]
-    rows = []
+    parts: dict[str, list[dict]] = {"pre-training": [], "continual pre-training": []}
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(summary("full", train(Path(tmp) / "full", args.steps, [])))
-        for i, setting in enumerate(settings):
+        runs = Path(tmp)
+        saved = ["checkpoint=sharded", f"checkpoint.interval={args.steps}"]
+        pre = parts["pre-training"]
+        pre.append(summary("full", train(runs / "full", args.steps, saved)))
+        for i, setting in enumerate(args.est or [""]):
             overrides = ["regime=est"] + [f"regime.est.{kv}" for kv in setting.split(",") if kv]
             name = f"EST {setting}" if setting else "EST (defaults)"
-            rows.append(summary(name, train(Path(tmp) / f"est{i}", args.steps, overrides)))
-    full = rows[0]
-    print(f"{'run':48s} {'TFLOPs':>8s} {'saved':>6s} {'train s':>8s} {'tok/s':>7s} "
-          f"{'val loss':>8s} {'excess':>7s}")  # fmt: skip
-    for row in rows:
-        row["val_excess"] = row["val_loss"] / full["val_loss"] - 1.0
-        row["time_ratio"] = row["train_seconds"] / full["train_seconds"]
-        print(
-            f"{row['run']:48s} {row['flops'] / 1e12:8.3f} {100 * row['flops_saved']:5.1f}% "
-            f"{row['train_seconds']:8.1f} {row['tokens_per_s']:7.0f} {row['val_loss']:8.4f} "
-            f"{100 * row['val_excess']:+6.2f}%"
-        )
+            pre.append(summary(name, train(runs / f"est{i}", args.steps, overrides)))
+        base = runs / "full" / "checkpoints" / f"step-{args.steps:07d}"
+        start = [f"model.init_from={base}", "train.seed=4321"]
+        continued = parts["continual pre-training"]
+        continued.append(summary("full", train(runs / "cont", args.continued, start)))
+        for i, setting in enumerate(args.sat or [""]):
+            overrides = ["regime=sat"] + [f"regime.sat.{kv}" for kv in setting.split(";") if kv]
+            name = f"SAT {setting}" if setting else "SAT (defaults)"
+            continued.append(
+                summary(name, train(runs / f"sat{i}", args.continued, start + overrides))
+            )
+    for part, rows in parts.items():
+        full = rows[0]
+        print(f"\n{part}")
+        print(f"{'run':44s} {'TFLOPs':>8s} {'saved':>6s} {'train s':>8s} {'time':>6s} "
+              f"{'tok/s':>7s} {'val loss':>8s} {'excess':>7s}")  # fmt: skip
+        for row in rows:
+            row["val_excess"] = row["val_loss"] / full["val_loss"] - 1.0
+            row["time_ratio"] = row["train_seconds"] / full["train_seconds"]
+            print(
+                f"{row['run']:44s} {row['flops'] / 1e12:8.3f} {100 * row['flops_saved']:5.1f}% "
+                f"{row['train_seconds']:8.1f} {row['time_ratio']:6.3f} {row['tokens_per_s']:7.0f} "
+                f"{row['val_loss']:8.4f} {100 * row['val_excess']:+6.2f}%"
+            )
     if args.json:
         with replacing(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=2))
+            tmp.write_text(json.dumps(parts, indent=2))
     if args.plot:
-        plot(rows, args.plot)
+        plot(parts, args.plot)
 
 
 if __name__ == "__main__":

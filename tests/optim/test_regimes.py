@@ -161,3 +161,26 @@ def test_sat_importance_is_the_output_magnitude_each_unit_adds_and_guides_the_dr
     for _ in range(200):
         kept[sat._draw("neurons", 0, CFG.ffn_dim // 2, g)] += 1
     assert kept[:8].mean() > 0.95 * 200 and kept[8:].mean() < 0.55 * 200
+
+
+DENSE = {
+    "sat": RegimeConfig(name="sat", sat=SatConfig(ladder=[[1.0, 0.0]])),
+    "est": RegimeConfig(name="est", est=EstConfig(stage1_until=0.0, stage2_until=0.0)),
+    "none": RegimeConfig(),
+}
+
+
+def dense_runs(tmp: str) -> dict:
+    """3 steps with each regime of DENSE, one after the other in this process group."""
+    args = (3, "", 0, "none", 1, 1, "none", 8, 2, 32, None, None, CPU, "fp32")
+    return {
+        name: checkpointed_run(CFG, *args[:1], f"{tmp}/{name}", *args[2:], regime)
+        for name, regime in DENSE.items()
+    }
+
+
+def test_a_dense_regime_step_is_plain_training_bitwise(tmp_path):
+    """SAT on a ladder that never omits (its observers measuring every step) and EST in its
+    last stage train exactly as no regime."""
+    losses = run_ranks(dense_runs, 1, str(tmp_path))[0]
+    assert losses["sat"] == losses["none"] == losses["est"]
