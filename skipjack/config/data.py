@@ -11,7 +11,8 @@ from omegaconf import MISSING
 from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError
 
-DataKind = Choice("DataKind", "builtin indexed")
+DataKind = Choice("DataKind", "builtin indexed sft")
+OnBadRecord = Choice("OnBadRecord", "skip fail")
 
 
 @dataclass
@@ -20,7 +21,11 @@ class DataConfig:
 
     `kind=builtin` trains on the Python standard library's source (on every machine, cached after
     first use). `kind=indexed` reads Megatron indexed datasets made by `skipjack preprocess`:
-    `paths` is a blend, either prefixes alone or alternating weight and prefix.
+    `paths` is a blend, either prefixes alone or alternating weight and prefix. `kind=sft` reads
+    instruction data (jsonl files in `paths`; docs/post-training.md): `tokenizer` may name a
+    model directory (its tokenizer.json and chat template; default: model.init_from), `pack`
+    puts several examples into one sequence, `on_bad_record` skips malformed records (reported
+    with their lines) or stops at the first.
     """
 
     kind: DataKind = DataKind.builtin
@@ -29,6 +34,8 @@ class DataConfig:
     tokenizer: Optional[str] = None
     tokenizer_vocab_size: int = 4096
     cache_dir: str = "${oc.env:SKIPJACK_CACHE,'~/.cache/skipjack'}"
+    pack: bool = True
+    on_bad_record: OnBadRecord = OnBadRecord.skip
 
 
 @dataclass
@@ -56,6 +63,12 @@ def validate_data(d: DataConfig) -> None:
                         "data.paths",
                         f"{prefix}{suffix} does not exist; run `skipjack preprocess` to make it",
                     )
+    if d.kind == "sft":
+        if not d.paths:
+            raise ConfigError("data.paths", "data=sft needs jsonl files of instruction records")
+        for path in d.paths:
+            if not os.path.isfile(os.path.expanduser(path)):
+                raise ConfigError("data.paths", f"{path} does not exist (a jsonl file)")
     if d.tokenizer is not None and not os.path.exists(os.path.expanduser(d.tokenizer)):
         raise ConfigError(
             "data.tokenizer", f"{d.tokenizer} does not exist; give a tokenizer.json or null"

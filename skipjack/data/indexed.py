@@ -129,4 +129,6 @@ def sample_batch(dataset, indices: Sequence[int]) -> MicroBatch:
     tokens = torch.stack([s["tokens"] for s in samples])
     labels = torch.stack([s["labels"] for s in samples])
     mask = torch.stack([s["loss_mask"] for s in samples])
-    return MicroBatch(tokens, labels.masked_fill(mask == 0, IGNORE_INDEX))
+    packed = {k: torch.stack([s[k] for s in samples]) for k in ("positions", "documents")
+              if k in samples[0]}  # fmt: skip
+    return MicroBatch(tokens, labels.masked_fill(mask == 0, IGNORE_INDEX), **packed)

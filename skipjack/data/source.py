@@ -10,6 +10,7 @@ import torch.distributed as dist
 from skipjack.config import ConfigError, DataConfig, parse_blend
 from skipjack.data.builtin import prepare_builtin
 from skipjack.data.indexed import build_gpt_datasets
+from skipjack.data.sft import sft_datasets
 from skipjack.data.tokenizer import Tokenizer
 
 
@@ -29,8 +30,14 @@ def resolve_source(cfg: DataConfig) -> tuple[list[str], list[float] | None, Toke
     return prefixes, weights, Tokenizer.load(tokenizer_path)
 
 
-def build_datasets(cfg: DataConfig, seq_len: int, seed: int, sizes: tuple[int, int]):
-    """(train, validation, tokenizer); with a process group, rank 0 fills the caches first."""
+def build_datasets(
+    cfg: DataConfig, seq_len: int, seed: int, sizes: tuple[int, int], model_dir: str | None = None
+):
+    """(train, validation, tokenizer); with a process group, rank 0 fills the caches first.
+    `model_dir`: where instruction data (`data=sft`) finds its tokenizer and chat template when
+    `data.tokenizer` does not say."""
+    if cfg.kind == "sft":
+        return sft_datasets(cfg, seq_len, model_dir)
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_rank() == 0:
             resolve_source(cfg)

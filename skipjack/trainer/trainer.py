@@ -138,8 +138,9 @@ def job_data(
     t = job.train
     total_val = val_batches * t.global_batch_size
     train_set, val_set, tokenizer = build_datasets(
-        job.data, t.seq_len, t.seed, (t.steps * t.global_batch_size, total_val)
-    )
+        job.data, t.seq_len, t.seed, (t.steps * t.global_batch_size, total_val),
+        job.model.init_from,
+    )  # fmt: skip
     if tokenizer.vocab_size > job.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",
