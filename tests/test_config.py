@@ -152,6 +152,18 @@ def test_default_job_is_valid():
             "parallel.partition",
             "on the data node",
         ),
+        (["regime=est", "regime.est.p_layers=0"], 1, "regime.est.p_layers", "(0, 1]"),
+        (
+            ["regime=est", "regime.est.stage1_until=0.8", "regime.est.stage2_until=0.5"],
+            1,
+            "regime.est.stage2_until",
+            "in order",
+        ),
+        (["regime=sat", "regime.sat.ladder=[[0.5,0.5]]"], 1, "regime.sat.ladder", "at 1.0"),
+        (["regime=sat", "regime.sat.ladder=[[1.0,1.0]]"], 1, "regime.sat.ladder[0]", "[0, 1)"),
+        (["regime=sat", "regime.sat.decay=1"], 1, "regime.sat.decay", "[0, 1)"),
+        (["data=sft"], 1, "data.paths", "jsonl"),
+        (["data=sft", "data.paths=[/no/such.jsonl]"], 1, "data.paths", "does not exist"),
         (["eval.stages=[0]", "eval.layers=[1]"], 1, "eval.stages", "not both"),
         (["eval.layers=[4]"], 1, "eval.layers", "not layers of a 4-layer model"),
     ],
@@ -162,6 +174,21 @@ def test_invalid_values_fail_naming_field_and_fix(overrides, world, field, fix):
         prepare(cfg, world)
     assert err.value.field_name == field
     assert fix in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "recipe,more",
+    [
+        ("pretrain_llama_130m_galore_plus", []),
+        ("continual_pretrain_sat", []),
+        ("sft_from_hf", ["data.paths=[{records}]", "train.seq_len=512"]),
+    ],
+)
+def test_every_recipe_composes_into_a_valid_job(tmp_path, recipe, more):
+    records = tmp_path / "chat.jsonl"
+    records.write_text('{"prompt": "a", "response": "b"}\n')
+    cfg = compose_job(f"experiment={recipe}", *(m.format(records=records) for m in more))
+    prepare(cfg, 1)
 
 
 def composition_error(*overrides: str) -> str:
