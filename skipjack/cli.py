@@ -1,4 +1,4 @@
-"""`skipjack <command> [hydra overrides]`: train, eval, preprocess; and `skipjack convert`.
+"""`skipjack <command> [hydra overrides]`: train, eval, preprocess, generate; `skipjack convert`.
 
 Each command is a Hydra app over the config tree in skipjack/configs, so overrides, `--cfg job`,
 `--help` and `-m` sweeps work as Hydra users expect. Started under a launcher (torchrun, srun,
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from skipjack.config import ConfigError, LaunchConfig, register_configs
 from skipjack.launch.env import discover
 
-COMMANDS = ("train", "eval", "preprocess", "convert")
+COMMANDS = ("train", "eval", "preprocess", "generate", "convert")
 USAGE = f"usage: skipjack {{{','.join(COMMANDS)}}} [hydra overrides] (skipjack COMMAND --help)"
 
 
@@ -83,6 +83,17 @@ def preprocess_app(cfg: DictConfig) -> None:
         _fail(e)
 
 
+@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+def generate_app(cfg: DictConfig) -> None:
+    """`skipjack generate model.init_from=<dir> prompt="..."` (trainer/generate.py)."""
+    from skipjack.trainer.generate import run_generate
+
+    try:
+        run_generate(OmegaConf.to_object(cfg))
+    except ConfigError as e:
+        _fail(e)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
     register_configs()
     sys.argv = [f"skipjack {command}", *overrides]
-    {"train": train_app, "eval": eval_app, "preprocess": preprocess_app}[command]()
+    apps = {"train": train_app, "eval": eval_app, "preprocess": preprocess_app}
+    {**apps, "generate": generate_app}[command]()
 
 
 if __name__ == "__main__":

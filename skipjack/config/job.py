@@ -11,6 +11,7 @@ from skipjack.config.checkpoint import CheckpointConfig, validate_checkpoint
 from skipjack.config.data import DataConfig, PreprocessConfig, validate_data
 from skipjack.config.errors import ConfigError, positive
 from skipjack.config.evaluate import EvalConfig, validate_eval
+from skipjack.config.generate import GenerateConfig
 from skipjack.config.launch import LAUNCHERS, LaunchConfig, validate_launch
 from skipjack.config.logs import LoggingConfig, validate_logging
 from skipjack.config.model import ModelConfig, validate_model, validate_tensor_parallel
@@ -38,6 +39,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainJobConfig)
     cs.store(name="preprocess_schema", node=PreprocessConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
     for name, schema in LAUNCHERS.items():  # launch/<name>.yaml starts from it
         cs.store(name=f"launch_{name}_schema", node=schema)
 

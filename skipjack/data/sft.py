@@ -262,26 +262,30 @@ class SftDataset:
         }
 
 
-def sft_datasets(cfg, seq_len: int, model_dir: str | None) -> tuple:
-    """(train, validation, chat format) of `data=sft`: the tokenizer and template of
-    `data.tokenizer` or else `model_dir` (a model directory), else the built-in corpus'
-    tokenizer with DEFAULT_TEMPLATE; the last `split` share of the examples validates. Prints
-    what reading found on rank 0."""
-    import torch.distributed as dist
-
+def chat_format(cfg, model_dir: str | None) -> ChatFormat:
+    """The tokenizer and chat template of `data.tokenizer` or else `model_dir` where either is
+    a model directory with a tokenizer.json; else the built-in corpus' tokenizer (or the
+    tokenizer.json in `data.tokenizer`) with DEFAULT_TEMPLATE."""
     from skipjack.data.builtin import corpus_texts
     from skipjack.data.tokenizer import EOD, Tokenizer, cached_bpe
 
-    directory = cfg.tokenizer or model_dir
-    if directory and (Path(directory).expanduser() / "tokenizer.json").is_file():
-        chat = ChatFormat.from_directory(directory)
+    for directory in (cfg.tokenizer, model_dir):
+        if directory and (Path(directory).expanduser() / "tokenizer.json").is_file():
+            return ChatFormat.from_directory(directory)
+    if cfg.tokenizer:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
     else:
-        if cfg.tokenizer:
-            tokenizer = Tokenizer.load(cfg.tokenizer)
-        else:
-            cache = Path(cfg.cache_dir).expanduser() / "tokenizers"
-            tokenizer = cached_bpe(corpus_texts(), cfg.tokenizer_vocab_size, cache)
-        chat = ChatFormat(tokenizer.hf, DEFAULT_TEMPLATE, {"eos_token": EOD})
+        cache = Path(cfg.cache_dir).expanduser() / "tokenizers"
+        tokenizer = cached_bpe(corpus_texts(), cfg.tokenizer_vocab_size, cache)
+    return ChatFormat(tokenizer.hf, DEFAULT_TEMPLATE, {"eos_token": EOD})
+
+
+def sft_datasets(cfg, seq_len: int, model_dir: str | None) -> tuple:
+    """(train, validation, chat format) of `data=sft` (`chat_format`); the last `split` share
+    of the examples validates. Prints what reading found on rank 0."""
+    import torch.distributed as dist
+
+    chat = chat_format(cfg, model_dir)
     examples, report = read_examples(cfg.paths, chat, cfg.on_bad_record)
     weights = [float(w) for w in cfg.split.split(",")]
     n_valid = max(1, round(len(examples) * weights[1] / sum(weights)))

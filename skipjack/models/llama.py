@@ -158,10 +158,12 @@ class Attention(nn.Module):
         rope: torch.Tensor,
         mask: torch.Tensor | None = None,
         heads: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """Causal attention; `mask` (batch, 1, seq, seq), where given, says which keys each
         query may see instead (packed documents). `heads`: only these local query heads (and
-        the kv heads they use) run, on the slices of the weights they own."""
+        the kv heads they use) run, on the slices of the weights they own. `cache`: the keys
+        and values of the positions before these (generation); these are added to it."""
         b, s, _ = x.shape
         hd = self.head_dim
         if heads is None:
@@ -184,13 +186,13 @@ class Attention(nn.Module):
         v = F.linear(x, wv).view(b, s, n_kv, hd)
         if kv_of is not None:
             k, v, n_kv = k.index_select(2, kv_of), v.index_select(2, kv_of), n_q
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        causal = mask is None
+        if cache is not None:
+            k, v = cache.extend(k, v)
+            mask, causal = cache.mask(s, x.device), cache.start == 0
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=n_kv != n_q,
+            q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, enable_gqa=n_kv != n_q
         )
         if self.observer is not None and torch.is_grad_enabled():
             self.observer(out.detach().transpose(1, 2), wo.detach(), heads)
@@ -224,6 +226,51 @@ class FeedForward(nn.Module):
 
 
 FULL = Subnet()  # every head and neuron, unscaled
+
+
+class KVCache:
+    """The keys and values (after RoPE) of every position a generation has run, per layer, so
+    that each new token costs one forward of one position: (batch, kv heads, capacity, head
+    dim) per layer, filled up to `length`."""
+
+    def __init__(self, model: Llama, batch: int, capacity: int):
+        attention = next(iter(model.layers.values())).attention
+        weight = attention.wk.weight
+        shape = (batch, attention.n_kv_heads, capacity, attention.head_dim)
+        self.capacity, self.length = capacity, 0
+        self.tensors = {
+            int(i): (weight.new_zeros(shape), weight.new_zeros(shape)) for i in model.layers
+        }
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(*self.tensors[index], self.length)
+
+
+@dataclass
+class LayerCache:
+    """One layer's part of a `KVCache`, for a forward that starts at position `start`."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the keys and values of the new positions (batch, kv heads, seq, head dim);
+        returns those of every position so far."""
+        end = self.start + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"the cache holds {self.keys.shape[2]} positions, not {end}")
+        self.keys[:, :, self.start : end] = k
+        self.values[:, :, self.start : end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def mask(self, seq: int, device: torch.device) -> torch.Tensor | None:
+        """Which cached keys the new queries see: all before them and their own causal part
+        (None: all, for one query; the plain causal mask from position 0)."""
+        if seq == 1 or self.start == 0:
+            return None
+        keys = torch.arange(self.start + seq, device=device)
+        return keys[None, :] <= self.start + torch.arange(seq, device=device)[:, None]
 
 
 class Block(nn.Module):
@@ -261,13 +308,16 @@ class Block(nn.Module):
         rope: torch.Tensor,
         mask: torch.Tensor | None = None,
         subnet: Subnet | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """The block on the residual stream `x`; with `subnet`, only its active heads and
-        neurons (outputs scaled as it says), or nothing at all when it skips the block."""
+        neurons (outputs scaled as it says), or nothing at all when it skips the block; with
+        `cache`, after the positions it holds (generation)."""
         tp, sub = self.tp, subnet or FULL
         if sub.skip:
             return x
-        attended = self.attention(enter_tp(self.attention_norm(x), tp), rope, mask, sub.heads)
+        normed = enter_tp(self.attention_norm(x), tp)
+        attended = self.attention(normed, rope, mask, sub.heads, cache)
         if sub.head_scale != 1.0:
             attended = attended * sub.head_scale
         h = x + leave_tp(attended, tp)
@@ -332,20 +382,28 @@ class Llama(nn.Module):
         positions: torch.Tensor | None = None,
         documents: torch.Tensor | None = None,
         subnets: Mapping[int, Subnet | None] | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """`inputs`: token ids on the first stage, hidden states on the others; `positions` and
         `documents` (batch, seq) as in `MicroBatch` for packed sequences; `subnets`: per global
-        layer index, the part of the block to run (absent or None: all of it)."""
+        layer index, the part of the block to run (absent or None: all of it); `cache`: the
+        keys and values of the positions already run (generation: `inputs` come after them)."""
         h = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
         rope = self.rope if positions is None else self.rope[positions]
+        if cache is not None:
+            rope = self.rope[cache.length :]
         mask = None if documents is None else document_causal_mask(documents)
         subnets = subnets or {}
         for index, block in self.layers.items():
             subnet = subnets.get(int(index))
-            if self.cfg.activation_checkpointing and self.training:
+            if cache is not None:
+                h = block(h, rope, mask, subnet, cache.layer(int(index)))
+            elif self.cfg.activation_checkpointing and self.training:
                 h = checkpoint(block, h, rope, mask, subnet, use_reentrant=False)
             else:
                 h = block(h, rope, mask, subnet)
+        if cache is not None:
+            cache.length += inputs.shape[1]
         if not self.stage.last:
             return h
         if self.vocab_parallel:

@@ -29,9 +29,12 @@ def compose_job(*overrides: str) -> TrainJobConfig:
     return OmegaConf.to_object(compose_config(*overrides))
 
 
-def run_skipjack(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`skipjack <args>` in `cwd`; asserts it exits 0, showing the end of its output if not."""
-    return _run([BIN / "skipjack", *args], cwd, timeout)
+def run_skipjack(
+    *args: str, cwd: Path, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`skipjack <args>` in `cwd`; with `check`, asserts it exits 0, showing the end of its
+    output if not."""
+    return _run([BIN / "skipjack", *args], cwd, timeout, check=check)
 
 
 def run_under_torchrun(
