@@ -211,7 +211,7 @@ def composition_error(*overrides: str) -> str:
         ("optim.galore.moments", "drop", "keep, reset, rotate"),
         ("optim.galore.svd", "lanczos", "exact, rsi"),
         ("logging.wandb_mode", "cloud", "offline, online, disabled"),
-        ("data.kind", "parquet", "builtin, indexed"),
+        ("data.kind", "parquet", "builtin, indexed, sft"),
         ("model.hf_dtype", "fp8", "fp32, bf16, fp16"),
     ],
 )
