@@ -20,6 +20,7 @@ from skipjack.checkpoint.sharded import read_model
 from skipjack.config import ConfigError, DataConfig, ModelConfig
 from skipjack.config.generate import GenerateConfig, validate_generate
 from skipjack.data.sft import DEFAULT_TEMPLATE, ChatFormat, chat_format
+from skipjack.data.tokenizer import EOD
 from skipjack.models.generation import generate
 from skipjack.models.llama import Llama
 from skipjack.parallel.shard_spec import spec_of
@@ -60,7 +61,7 @@ def tokenizer_of(g: GenerateConfig) -> tuple[ChatFormat, bool]:
     from skipjack.data.source import resolve_source
 
     tokenizer = resolve_source(data)[2]
-    return ChatFormat(tokenizer.hf, DEFAULT_TEMPLATE, {"eos_token": "<|endoftext|>"}), False
+    return ChatFormat(tokenizer.hf, DEFAULT_TEMPLATE, {"eos_token": EOD}), False
 
 
 def run_generate(g: GenerateConfig) -> str:
