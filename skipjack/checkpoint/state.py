@@ -97,7 +97,10 @@ def _state_spec(spec: ShardSpec, value: torch.Tensor, dim: int) -> ShardSpec:
     split dimension: its global size there is the parameter's true one (padding dropped)."""
     padded, shape = list(value.shape), list(value.shape)
     padded[dim] *= spec.num_shards
-    shape[dim] = spec.unpadded_shape[spec.dim]
+    # along the parameter's own rows: their true number; else (GaLore+'s per-head moments) no
+    # padding
+    like_param = value.shape[dim] == spec.local_shape[spec.dim]
+    shape[dim] = spec.unpadded_shape[spec.dim] if like_param else padded[dim]
     return ShardSpec(
         tuple(padded), dim, spec.group, spec.num_shards, spec.index,
         replicas=spec.replicas, true_shape=tuple(shape),

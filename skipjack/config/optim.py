@@ -12,6 +12,7 @@ Optimizer = Choice("Optimizer", "adamw galore galore_plus")
 ProjType = Choice("ProjType", "std reverse_std left right")
 Moments = Choice("Moments", "keep reset rotate")  # on a basis change
 SvdMethod = Choice("SvdMethod", "exact rsi")  # rsi: randomized subspace iteration
+CrossHead = Choice("CrossHead", "head model")  # GaLore+: the side of the shared attention basis
 # the low-rank options' values, which GaLore also checks its parameter groups against
 GALORE_CHOICES = {"proj_type": tuple(ProjType), "moments": tuple(Moments), "svd": tuple(SvdMethod)}
 
@@ -30,8 +31,10 @@ class GaLoreConfig:
     svd: SvdMethod = SvdMethod.exact
     oversample: int = 8
     power_iters: int = 1
-    # GaLore+ only: heads sampled for a shared attention basis (0: off); sparse residuals
+    # GaLore+ only: heads drawn for a shared attention basis (0: off) and its side; sparse
+    # residuals on the `density` fraction of entries, chosen over `residual_warmup` steps
     heads: int = 0
+    cross_head: CrossHead = CrossHead.head
     density: float = 0.0
     residual_warmup: int = 0
 

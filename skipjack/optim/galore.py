@@ -154,6 +154,33 @@ class Projection:
         """The basis runs along the sharded dimension: each rank holds its rows of it."""
         return self.spec.sharded and self.spec.dim == self.basis_dim
 
+    def basis_shape(self) -> tuple[int, int]:
+        """The shape of the whole basis (every rank's rows of it together)."""
+        return self.spec.global_shape[self.basis_dim], self.rank
+
+    def moments_shape(self, local: tuple[int, int]) -> tuple[int, int]:
+        """The shape of the low-rank moments of a parameter shard of shape `local`."""
+        m, n = local
+        return (self.rank, n) if self.side == "left" else (m, self.rank)
+
+    def project(self, grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """Coordinates of `grad` in this rank's rows of the basis (a partial sum over the shard
+        group when the basis is sharded)."""
+        return basis.T @ grad if self.side == "left" else grad @ basis
+
+    def back(self, low: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        return basis @ low if self.side == "left" else low @ basis.T
+
+    def back_at(self, low, basis, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """`back(low, basis)` at the entries (rows[i], cols[i]) only: k dot products."""
+        if self.side == "left":
+            return (basis[rows] * low[:, cols].T).sum(1)
+        return (low[rows] * basis[cols]).sum(1)
+
+    def rotate(self, moment: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        """`moment` with its coordinates mapped by `mix` (r x r: new basis^T old basis)."""
+        return mix @ moment if self.side == "left" else moment @ mix.T
+
 
 def projection_side(proj_type: str, shape: tuple[int, int]) -> str:
     """The side galore-torch projects for `proj_type` on a global matrix of `shape`: std
@@ -246,14 +273,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if p not in self._projections:
             return {"step": scalar, "exp_avg": (p.shape, p.dtype), "exp_avg_sq": (p.shape, p.dtype)}
         proj = self._projections[p]
-        m, n = p.shape  # local
-        r = proj.rank
-        basis, low = ((m, r), (r, n)) if proj.side == "left" else ((n, r), (m, r))
-        f32 = torch.float32
+        rows, r = proj.basis_shape()
+        if proj.sharded_basis:
+            rows //= proj.spec.num_shards
+        low, f32 = proj.moments_shape(tuple(p.shape)), torch.float32
         return {
             "step": scalar,
             "moment_step": scalar,
-            "projector": (basis, f32),
+            "projector": ((rows, r), f32),
             "exp_avg": (low, f32),
             "exp_avg_sq": (low, f32),
         }
@@ -355,7 +382,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             low, state["exp_avg"], state["exp_avg_sq"], int(state["moment_step"]),
             group["betas"], group["eps"],
         )  # fmt: skip
-        update = self._back(direction, state["projector"], proj).mul_(group["scale"])
+        update = proj.back(direction, state["projector"]).mul_(group["scale"])
         update = self._add_residual(p, grad, low, group, state, update)
         state["step"] += 1
         return update
@@ -365,14 +392,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return update
 
     def _project(self, grad: torch.Tensor, basis: torch.Tensor, proj: Projection) -> torch.Tensor:
-        low = basis.T @ grad if proj.side == "left" else grad @ basis
+        low = proj.project(grad, basis)
         if proj.sharded_basis:  # each rank holds its rows of the basis: a partial sum
             dist.all_reduce(low, group=self._groups[proj.spec.group])
         return low
-
-    @staticmethod
-    def _back(low: torch.Tensor, basis: torch.Tensor, proj: Projection) -> torch.Tensor:
-        return basis @ low if proj.side == "left" else low @ basis.T
 
     # --- refreshing the basis ---------------------------------------------------------------
 
@@ -391,11 +414,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         spec = proj.spec
         pg = self._groups[spec.group] if spec.sharded else None
         full = all_gather_full(grad, spec, self._groups)
-        dim = full.shape[proj.basis_dim]
         if pg is None or dist.get_rank(pg) == 0:
             basis = self._checked_estimate(p, full, group, proj, step)
         else:
-            basis = torch.empty(dim, proj.rank, device=grad.device)
+            basis = torch.empty(proj.basis_shape(), device=grad.device)
         if pg is not None:
             dist.broadcast(basis, src=dist.get_global_rank(pg, 0), group=pg)
         basis = _local_rows(basis, proj)
@@ -403,14 +425,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._warn(p, step)
             if step > 0:
                 return
-            basis = self._random_basis(p, dim, proj, step)
+            basis = self._random_basis(p, proj, step)
         self._change_basis(state, basis.to(grad.device), group, proj, first=step == 0)
 
     def _checked_estimate(self, p, full, group, proj, step) -> torch.Tensor:
         """The estimate, or NaNs when the gradient is not finite or the SVD fails."""
-        failed = torch.full(
-            (full.shape[proj.basis_dim], proj.rank), float("nan"), device=full.device
-        )
+        failed = torch.full(proj.basis_shape(), float("nan"), device=full.device)
         if not torch.isfinite(full).all():
             return failed
         try:
@@ -419,10 +439,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return failed
         return basis.contiguous() if torch.isfinite(basis).all() else failed
 
-    def _random_basis(self, p, dim: int, proj: Projection, step: int) -> torch.Tensor:
+    def _random_basis(self, p, proj: Projection, step: int) -> torch.Tensor:
         """A seeded random orthonormal basis (the same on every rank), this rank's part of it."""
         gen = self._generator(p, step)
-        return _local_rows(torch.linalg.qr(torch.randn(dim, proj.rank, generator=gen)).Q, proj)
+        return _local_rows(torch.linalg.qr(torch.randn(proj.basis_shape(), generator=gen)).Q, proj)
 
     def _warn(self, p, step: int) -> None:
         if not self._warned:
@@ -448,6 +468,5 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if proj.sharded_basis:
                 dist.all_reduce(rot, group=self._groups[proj.spec.group])
             for key, mix in (("exp_avg", rot), ("exp_avg_sq", rot * rot)):
-                value = state[key]
-                value.copy_(mix @ value if proj.side == "left" else value @ mix.T)
+                state[key].copy_(proj.rotate(state[key], mix))
         old.copy_(new)

@@ -1,49 +1,112 @@
 """GaLore+ (Liao et al., "GaLore+: Boosting Low-Rank Adaptation for LLMs with Cross-Head
 Projection", arXiv 2412.19820): GaLore with a cheaper refresh and a smaller approximation error.
+The paper's method section is not available; what skipjack chose, and the measurements behind
+each choice, are in docs/optimizers.md.
 
 - Randomized subspace iteration instead of an exact SVD (`svd: rsi`, in galore.py).
-- Cross-head projection: the heads of an attention weight share one basis on the side that is
-  not split into heads (the model dimension). It is estimated from `heads` heads only (sampled
-  per refresh, seeded by name and step; at least rank/head_dim of them so the sample has rank r),
-  so the SVD is of an (s*head_dim) x dim matrix instead of the whole weight. The head layout comes
-  from the parameter's shard spec; heads are also the tensor-parallel split, so every tp rank
-  projects its own heads with the shared basis (galore.py explains how the basis is shared).
-- Sparsely coded residuals: after `residual_warmup` steps, the `density` fraction of entries
-  where the gradient's low-rank approximation misses most (largest |G - back(project(G))|) is
-  fixed; Adam moments are kept on those entries of the residual and their step is added to the
-  low-rank update. The entries are chosen in the whole matrix (the residual is gathered over
-  the shard group once, at the end of the warm-up), and every step the k residual values are
-  summed over the group so every rank keeps the same k moments and applies its own entries:
-  the same result as one process, and the state reshards like any replicated tensor.
+- Cross-head projection (`heads` > 0) for the attention weights, two readings (`cross_head`):
+  - `head` (the default): one basis on the head side (head_dim x rank/n_heads), estimated from
+    `heads` randomly drawn heads (re-drawn at every refresh, seeded by name and step) and applied
+    to every head's block: each head keeps its own rank/n_heads coordinates, so the moments have
+    the size of GaLore's at the same rank and the basis is n_heads times smaller. Heads are the
+    tensor-parallel split, so a shard projects its own heads with no communication and its
+    moments are its heads' rows.
+  - `model`: one basis on the model side shared by the whole matrix (GaLore's projection),
+    estimated from enough drawn heads that the sample has rank + oversample rows, so the
+    estimate truncates.
+- Sparsely coded residuals (`density` > 0): a fixed set of k = density x size entries of each
+  low-rank matrix, where the projection misses most, gets Adam's own moments of the whole
+  gradient, and their direction, scaled like the low-rank update, replaces the low-rank update
+  there. The set is the k entries with the largest residual magnitude |G - back(project(G))|
+  summed over steps 0..`residual_warmup` (a bounded candidate list of 4k entries carries the
+  sum), fixed after. When it is fixed, the entries' moments start from what the low-rank
+  moments held there (the first projected back, the second through the basis's squared
+  weights: the same history in numerator and denominator), then follow the gradient entry by
+  entry: the low-rank moments' part and the residual's are one moment, counted once. Under
+  tensor parallelism the entries are global: each rank fills its own and one all-reduce of k
+  values per step gives every rank the same k moments.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from skipjack.config import GaLoreConfig
-from skipjack.optim.galore import LOW_RANK_DEFAULTS, GaLoreAdamW, Projection, adam_direction
-from skipjack.parallel.shard_spec import ShardSpec, all_gather_full
+from skipjack.config.optim import CrossHead
+from skipjack.optim.galore import (
+    LOW_RANK_DEFAULTS,
+    GaLoreAdamW,
+    Projection,
+    adam_direction,
+    top_subspace,
+)
+from skipjack.parallel.shard_spec import ShardSpec
 
 _SCHEMA = GaLoreConfig()
 GALORE_PLUS_DEFAULTS = {
     **LOW_RANK_DEFAULTS,
-    **{key: getattr(_SCHEMA, key) for key in ("heads", "density", "residual_warmup")},
+    **{key: getattr(_SCHEMA, key) for key in ("heads", "cross_head", "density", "residual_warmup")},
 }
+CANDIDATES = 4  # residual candidates carried through the warm-up, per entry kept
 
 
-def sampled_heads(n_heads: int, wanted: int, head_dim: int, rank: int, gen) -> torch.Tensor:
-    """Sorted indices of the heads a cross-head basis is estimated from: `wanted`, raised to
-    ceil(rank / head_dim) so that the sample can hold a rank-r basis."""
-    count = min(n_heads, max(wanted, math.ceil(rank / head_dim)))
-    return torch.randperm(n_heads, generator=gen)[:count].sort().values
+def sampled_heads(n_heads: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted indices of `count` heads drawn without replacement."""
+    return torch.randperm(n_heads, generator=gen)[: min(n_heads, count)].sort().values
 
 
-def _cross_head(proj: Projection, group: dict) -> bool:
-    return group["heads"] > 0 and proj.spec.heads is not None
+@dataclass(frozen=True)
+class HeadProjection(Projection):
+    """Cross-head projection on the head side: the basis (head_dim x head_rank) acts on the
+    head_dim axis of every head's block. `side` is left for heads along the rows (query, key,
+    value), right for heads along the columns (output); `rank` = n_heads x head_rank, the
+    moments' size along the heads."""
+
+    head_rank: int = 1
+
+    @property
+    def sharded_basis(self) -> bool:
+        return False  # one small basis for every head, on every rank
+
+    def basis_shape(self) -> tuple[int, int]:
+        return self.spec.heads.head_dim, self.head_rank
+
+    def moments_shape(self, local):
+        m, n = local
+        heads = (m if self.side == "left" else n) // self.spec.heads.head_dim  # this shard's
+        size = heads * self.head_rank
+        return (size, n) if self.side == "left" else (m, size)
+
+    def _blocks(self, a: torch.Tensor, size: int) -> torch.Tensor:
+        """`a` with its heads axis split into (heads, size): (h, size, n) or (m, h, size)."""
+        if self.side == "left":
+            return a.view(-1, size, a.shape[1])
+        return a.view(a.shape[0], -1, size)
+
+    def project(self, grad, basis):
+        if self.side == "left":
+            return (basis.T @ self._blocks(grad, basis.shape[0])).flatten(0, 1)
+        return (self._blocks(grad, basis.shape[0]) @ basis).flatten(1, 2)
+
+    def back(self, low, basis):
+        if self.side == "left":
+            return (basis @ self._blocks(low, self.head_rank)).flatten(0, 1)
+        return (self._blocks(low, self.head_rank) @ basis.T).flatten(1, 2)
+
+    def back_at(self, low, basis, rows, cols):
+        hd, blocks = basis.shape[0], self._blocks(low, self.head_rank)
+        if self.side == "left":
+            return (basis[rows % hd] * blocks[rows // hd, :, cols]).sum(1)
+        return (blocks[rows, cols // hd] * basis[cols % hd]).sum(1)
+
+    def rotate(self, moment, mix):
+        if self.side == "left":
+            return (mix @ self._blocks(moment, self.head_rank)).flatten(0, 1)
+        return (self._blocks(moment, self.head_rank) @ mix.T).flatten(1, 2)
 
 
 class GaLorePlusAdamW(GaLoreAdamW):
@@ -54,27 +117,40 @@ class GaLorePlusAdamW(GaLoreAdamW):
 
     def _check(self, group: dict) -> None:
         super()._check(group)
+        group["cross_head"] = str(group["cross_head"])
+        if group["cross_head"] not in tuple(CrossHead):
+            raise ValueError(f"GaLore+ cross_head={group['cross_head']!r}: use head or model")
         if group["heads"] < 0 or not 0.0 <= group["density"] <= 1.0 or group["residual_warmup"] < 0:
             raise ValueError("GaLore+ needs heads >= 0, 0 <= density <= 1, residual_warmup >= 0")
 
     def _projection(self, p: torch.Tensor, group: dict) -> Projection:
         proj = super()._projection(p, group)
-        if not _cross_head(proj, group):
+        heads = proj.spec.heads
+        if group["heads"] == 0 or heads is None:
             return proj
-        # the shared basis runs along the side that is not split into heads
-        side = "right" if proj.spec.heads.dim == 0 else "left"
-        return Projection(side, proj.rank, proj.spec)
+        if group["cross_head"] == "model":  # the side that is not split into heads
+            return Projection("right" if heads.dim == 0 else "left", proj.rank, proj.spec)
+        head_rank = min(heads.head_dim, max(1, proj.rank // heads.n_heads))
+        side = "left" if heads.dim == 0 else "right"
+        return HeadProjection(side, head_rank * heads.n_heads, proj.spec, head_rank)
 
     def _estimate(self, full, group: dict, proj: Projection, gen) -> torch.Tensor:
-        if not _cross_head(proj, group):
-            return super()._estimate(full, group, proj, gen)
         heads = proj.spec.heads
-        chosen = sampled_heads(heads.n_heads, group["heads"], heads.head_dim, proj.rank, gen)
+        if group["heads"] == 0 or heads is None:
+            return super()._estimate(full, group, proj, gen)
+        count = group["heads"]
+        if not isinstance(proj, HeadProjection):  # rank + oversample rows: a true truncation
+            count = max(count, math.ceil((proj.rank + group["oversample"]) / heads.head_dim))
+        chosen = sampled_heads(heads.n_heads, count, gen).to(full.device)
         blocks = full.unflatten(heads.dim, (heads.n_heads, heads.head_dim))
-        # the heads are drawn on the CPU generator; index_select wants them on the gradient's device
-        sample = blocks.index_select(heads.dim, chosen.to(full.device))
-        sample = sample.flatten(heads.dim, heads.dim + 1)
-        return super()._estimate(sample, group, proj, gen)
+        sample = blocks.index_select(heads.dim, chosen)
+        if isinstance(proj, HeadProjection):  # head_dim x (every drawn head's other side)
+            sample = sample.movedim(heads.dim + 1, 0).flatten(1)
+            rank, side = proj.head_rank, "left"
+        else:
+            sample = sample.flatten(heads.dim, heads.dim + 1)
+            rank, side = proj.rank, proj.side
+        return _top(sample, rank, side, group, gen)
 
     # --- sparse residuals -------------------------------------------------------------------
 
@@ -87,39 +163,89 @@ class GaLorePlusAdamW(GaLoreAdamW):
         shapes = super()._shapes(p, group)
         k = self._residual_count(p, group)
         if k:
+            c = min(CANDIDATES * k, math.prod(self._projections[p].spec.global_shape))
             shapes.update(
                 residual_index=((k,), torch.int64),
                 residual_avg=((k,), torch.float32),
                 residual_avg_sq=((k,), torch.float32),
+                residual_step=((), torch.float32),
+                candidate_index=((c,), torch.int64),
+                candidate_mass=((c,), torch.float32),
             )
         return shapes
 
     def _add_residual(self, p, grad, low, group, state, update) -> torch.Tensor:
-        step = int(state["step"])
-        if "residual_index" not in state or step < group["residual_warmup"]:
+        if "residual_index" not in state:
             return update
+        step, warmup = int(state["step"]), group["residual_warmup"]
         proj, basis, index = self._projections[p], state["projector"], state["residual_index"]
-        pg = self._groups[proj.spec.group] if proj.spec.sharded else None
-        if step == group["residual_warmup"]:  # fix the entries the low-rank part misses most
-            residual = grad - self._back(low, basis, proj)
-            whole = residual if pg is None else all_gather_full(residual, proj.spec, self._groups)
-            index.copy_(whole.flatten().abs().topk(index.numel()).indices.sort().values)
+        if step <= warmup:
+            self._gather_candidates(proj, grad - proj.back(low, basis), state, first=step == 0)
+            if step < warmup:
+                return update
+            mass = state["candidate_mass"]
+            best = mass.topk(index.numel()).indices
+            index.copy_(state["candidate_index"][best].sort().values)
         mine, rows, cols = _local_entries(index, proj.spec)
-        # the residual at those entries only: k dot products of length r, not a full product
-        if proj.side == "left":
-            approx = (basis[rows] * low[:, cols].T).sum(1)
-        else:
-            approx = (low[rows] * basis[cols]).sum(1)
+        (beta1, beta2), age = group["betas"], state["residual_step"]
+        avg, avg_sq = state["residual_avg"], state["residual_avg_sq"]
+        if step == warmup:  # start from what the low-rank moments held before this step
+            done = int(state["moment_step"]) - 1
+            seeds = torch.zeros(2, index.numel(), device=grad.device)
+            if done:
+                before = (state["exp_avg"] - (1 - beta1) * low) / beta1
+                before_sq = (state["exp_avg_sq"] - (1 - beta2) * low * low) / beta2
+                seeds[0, mine] = proj.back_at(before, basis, rows, cols)
+                seeds[1, mine] = proj.back_at(before_sq.clamp_(min=0), basis * basis, rows, cols)
+                self._sum_over_shards(seeds, proj)
+            avg.copy_(seeds[0])
+            avg_sq.copy_(seeds[1])
+            age.fill_(done)
         values = torch.zeros(index.numel(), device=grad.device)
-        values[mine] = grad[rows, cols] - approx
-        if pg is not None:  # every rank runs the same Adam on all k entries
-            dist.all_reduce(values, group=pg)
-        direction = adam_direction(
-            values, state["residual_avg"], state["residual_avg_sq"],
-            step - group["residual_warmup"] + 1, group["betas"], group["eps"],
-        )  # fmt: skip
-        update.index_put_((rows, cols), direction[mine], accumulate=True)
+        values[mine] = grad[rows, cols]
+        self._sum_over_shards(values, proj)
+        age += 1
+        direction = adam_direction(values, avg, avg_sq, int(age), group["betas"], group["eps"])
+        update.index_put_((rows, cols), direction[mine].mul_(group["scale"]))
         return update
+
+    def _gather_candidates(self, proj: Projection, residual, state: dict, first: bool) -> None:
+        """Add this step's residual magnitude to the candidates' and let the step's largest
+        misses in (with this step's magnitude), keeping the largest total masses."""
+        index, mass = state["candidate_index"], state["candidate_mass"]
+        size = index.numel()
+        magnitude = residual.abs()
+        top = magnitude.flatten().topk(min(size, magnitude.numel()))
+        new, new_mass = _global_index(top.indices, proj.spec, magnitude.shape), top.values
+        gain = torch.zeros(size, device=mass.device)
+        if not first:
+            mine, rows, cols = _local_entries(index, proj.spec)
+            gain[mine] = magnitude[rows, cols]
+        if proj.spec.sharded:
+            group = self._groups[proj.spec.group]
+            dist.all_reduce(gain, group=group)
+            new, new_mass = _all_gather(new, group), _all_gather(new_mass, group)
+        if first:
+            pool, pool_mass = new, new_mass
+        else:
+            fresh = ~torch.isin(new, index)
+            pool = torch.cat([index, new[fresh]])
+            pool_mass = torch.cat([mass + gain, new_mass[fresh]])
+        kept = pool_mass.topk(size).indices
+        index.copy_(pool[kept])
+        mass.copy_(pool_mass[kept])
+
+    def _sum_over_shards(self, values: torch.Tensor, proj: Projection) -> None:
+        """Values per global entry, each filled by the shard that holds it (zeros elsewhere): the
+        sum over the shard group gives every rank all of them."""
+        if proj.spec.sharded:
+            dist.all_reduce(values, group=self._groups[proj.spec.group])
+
+
+def _top(sample, rank: int, side: str, group: dict, gen) -> torch.Tensor:
+    return top_subspace(
+        sample, rank, side, group["svd"], group["oversample"], group["power_iters"], gen
+    )
 
 
 def _local_entries(index: torch.Tensor, spec: ShardSpec):
@@ -136,3 +262,20 @@ def _local_entries(index: torch.Tensor, spec: ShardSpec):
         col = col - spec.index * n
         mine = (col >= 0) & (col < n)
     return mine, row[mine], col[mine]
+
+
+def _global_index(flat: torch.Tensor, spec: ShardSpec, local: tuple[int, int]) -> torch.Tensor:
+    """Flat indices into this rank's shard (of shape `local`) as flat indices into the whole."""
+    row, col = flat // local[1], flat % local[1]
+    if spec.sharded:
+        if spec.dim == 0:
+            row = row + spec.index * local[0]
+        else:
+            col = col + spec.index * local[1]
+    return row * spec.global_shape[1] + col
+
+
+def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor, group=group)
+    return torch.cat(parts)
