@@ -14,6 +14,16 @@
    every parameter of the preset, refresh amortised over T=200 steps, and the optimizer state.
 3. Quality: the default job (`tiny` on the built-in corpus) for `--steps` steps with
    optim=adamw, galore and galore_plus as shipped: validation loss and optimizer state.
+4. Fine-tuning (`--finetune`): one block of Llama-2-7B's shape (dim 4096, 32 heads, ffn 11008)
+   under a small vocabulary, fine-tuned on built-in corpus text (`--finetune-tokens` per step):
+   real gradients through the model. For GaLore and GaLore+ (as shipped, residual warm-up 0 so
+   every step is a steady one): the forward and backward, an optimizer step, a refresh (a step
+   that refreshes minus one that does not), each measured; then the time of one refresh cycle of
+   `--finetune-gap` steps (a refresh plus gap steps), the refresh's share of it, and the ratio.
+
+The step and refresh sections' gradients are synthetic: one low-rank signal that every head
+shares, which flatters cross-head projection's `captured`. bench/cross_head.py measures the
+approximation on real gradients.
 """
 
 from __future__ import annotations
@@ -30,7 +40,10 @@ from pathlib import Path
 
 import torch
 
-from skipjack.config import OptimConfig
+from skipjack.batch import IGNORE_INDEX
+from skipjack.config import ModelConfig, OptimConfig
+from skipjack.data.indexed import sample_batch
+from skipjack.data.source import build_datasets
 from skipjack.models.llama import Llama, preset
 from skipjack.optim.builder import LOW_RANK, build_optimizer, galore_rank, planned_state_bytes
 from skipjack.optim.galore import GaLoreAdamW, top_subspace
@@ -239,6 +252,53 @@ def bench_quality(steps: int, workdir: Path) -> list[dict]:
     return rows
 
 
+def bench_finetune(rank: int, gap: int, tokens: int, repeats: int = 2) -> list[dict]:
+    """One 7B-shaped block fine-tuned on corpus text: measured parts of a refresh cycle."""
+    job = compose_job()
+    cfg = ModelConfig(
+        name="llama2_7b_block", dim=4096, n_layers=1, n_heads=32, n_kv_heads=32,
+        ffn_dim=11008, vocab_size=job.model.vocab_size, max_seq_len=tokens,
+    )  # fmt: skip
+    train, _, _ = build_datasets(job.data, tokens, job.train.seed, (repeats + 2, 1))
+    model = Llama(cfg).init_weights(0)
+    rows = []
+    for label, name in (("GaLore", "galore"), ("GaLore+", "galore_plus")):
+        optim = compose_job(
+            f"optim={name}", f"optim.galore.rank={rank}", f"optim.galore.update_proj_gap={gap}",
+            *(["optim.galore.residual_warmup=0"] if name == "galore_plus" else []),
+        ).optim  # fmt: skip
+        optimizer = build_optimizer(model, optim, torch.device("cpu"), cfg)
+        backward, steps = [], []
+        for i in range(repeats + 1):
+            batch = sample_batch(train, [i])
+            backward.append(_seconds(lambda b=batch: _loss(model, b).backward()))
+            steps.append(_seconds(optimizer.step))  # the first one refreshes every basis
+            optimizer.zero_grad(set_to_none=True)
+        plain_step = statistics.median(steps[1:])
+        fwd_bwd = statistics.median(backward)
+        refresh = max(0.0, steps[0] - plain_step)
+        cycle = refresh + gap * (fwd_bwd + plain_step)
+        rows.append(
+            {
+                "optimizer": label, "rank": rank, "gap": gap, "tokens": tokens,
+                "fwd_bwd_s": fwd_bwd, "step_s": plain_step, "refresh_s": refresh,
+                "cycle_s": cycle, "refresh_share": refresh / cycle,
+            }
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+        del optimizer
+    for row in rows:
+        row["cycle_vs_galore"] = rows[0]["cycle_s"] / row["cycle_s"]
+    return rows
+
+
+def _loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    logits = model(batch.tokens)
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -253,9 +313,17 @@ def main() -> None:
     parser.add_argument("--refresh-presets", default="llama_60m,llama_130m,llama_350m,llama_1b")
     parser.add_argument("--step-presets", default="llama_60m,llama_130m")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the quality runs")
+    parser.add_argument("--finetune", action="store_true", help="the 7B-block fine-tuning cycle")
+    parser.add_argument("--finetune-rank", type=int, default=128)
+    parser.add_argument("--finetune-gap", type=int, default=500, help="GaLore's fine-tuning gap")
+    parser.add_argument("--finetune-tokens", type=int, default=256)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results = {}
+    if args.finetune:
+        results["finetune"] = bench_finetune(
+            args.finetune_rank, args.finetune_gap, args.finetune_tokens
+        )
     if args.refresh_presets:
         results["refresh"] = bench_refresh(args.refresh_presets.split(","))
     if args.step_presets:
@@ -268,7 +336,11 @@ def main() -> None:
         "refresh": ["preset", "rank", "method", "block_refresh_s", "speedup", "captured_min"],
         "step": ["preset", "optimizer", "step_s", "vs_adamw", "refresh_s", "state_mib"],
         "quality": ["optimizer", "val_loss", "vs_galore", "state_mib", "run_s"],
-    }
+        "finetune": [
+            "optimizer", "rank", "gap", "tokens", "fwd_bwd_s", "step_s", "refresh_s", "cycle_s",
+            "refresh_share", "cycle_vs_galore",
+        ],
+    }  # fmt: skip
     for part, rows in results.items():
         print(f"## {part}\n\n{_table(rows, columns[part])}\n")
     if args.json:

@@ -104,7 +104,7 @@ def test_launch_torchrun_two_ranks_on_preprocessed_data(tmp_path, layout):
     assert not (tmp_path / "run" / "config.yaml").read_text().count("${")
     # rank 0 on the console, every rank's output in the run directory
     assert "[default0]:skipjack: done." in result.stdout and "[default1]" not in result.stdout
-    assert "MiB of state on rank 0" in result.stdout
+    assert "MiB of state on rank 0; kernels: torch rms_norm, torch AdamW (foreach)" in result.stdout
     logs = sorted(p.parent.name for p in (tmp_path / "run" / "logs").rglob("stdout.log"))
     assert logs == ["0", "1"]
 
@@ -147,3 +147,55 @@ def test_plain_torchrun_saves_into_one_run_directory_and_resumes_bitwise(tmp_pat
     if run_dir_given:  # `auto` in the same run directory: the last step's checkpoint, verified
         _, again = train("a")
         assert f"resumed from {saved[1]} (step 4)" in again.stdout
+
+
+def test_sft_of_a_hugging_face_llama_at_tp2_exports_what_transformers_reloads(tmp_path):
+    """A random transformers Llama with its tokenizer, fine-tuned 3 steps on a generated
+    instruction set at tp=2 under torchrun (experiment=sft_from_hf), exported with `skipjack
+    convert export`, reloaded by transformers: its logits are skipjack's of the checkpoint, and
+    the weights moved."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from skipjack.checkpoint.marker import marked_model
+    from skipjack.checkpoint.sharded import read_model
+    from skipjack.data.tokenizer import EOD, train_bpe
+    from skipjack.models.llama import Llama
+
+    records = [
+        {"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}
+        for a in range(8)
+        for b in range(8)
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    tokenizer = train_bpe([r["prompt"] + " " + r["response"] for r in records], 300)
+    hf = tmp_path / "hf"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, eos_token=EOD).save_pretrained(hf)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(hf)
+    run_skipjack(
+        "train", "experiment=sft_from_hf", f"model.init_from={hf}", "data.paths=[train.jsonl]",
+        "launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2", "train.steps=3",
+        "train.global_batch_size=4", "train.seq_len=64", "train.val_interval=3",
+        "train.val_batches=1", "optim.lr=1e-3", "optim.warmup_steps=0", "checkpoint.interval=3",
+        "logging.wandb=false", "logging.plot=false", "hydra.run.dir=run",
+        cwd=tmp_path,
+    )  # fmt: skip
+    step = tmp_path / "run" / "checkpoints" / "step-0000003"
+    run_skipjack("convert", "export", str(step), "exported", cwd=tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    model = Llama(marked_model(step)).init_weights(0)
+    with torch.no_grad():
+        for name, value in read_model(str(step)).items():
+            model.get_parameter(name).copy_(value)
+        tokens = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(reloaded.eval()(tokens).logits, model.eval()(tokens))
+        original = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        assert not torch.equal(
+            original.model.layers[0].self_attn.q_proj.weight,
+            reloaded.model.layers[0].self_attn.q_proj.weight,
+        )

@@ -34,7 +34,7 @@ class GaLoreConfig:
     # GaLore+ only: heads drawn for a shared attention basis (0: off) and its side; sparse
     # residuals on the `density` fraction of entries, chosen over `residual_warmup` steps
     heads: int = 0
-    cross_head: CrossHead = CrossHead.head
+    cross_head: CrossHead = CrossHead.model
     density: float = 0.0
     residual_warmup: int = 0
 

@@ -10,6 +10,7 @@ from skipjack.config.errors import ConfigError, positive
 
 Device = Choice("Device", "auto cpu cuda")
 Dtype = Choice("Dtype", "fp32 bf16")
+KernelChoice = Choice("KernelChoice", "auto torch apex")  # models/kernels.py
 
 
 @dataclass
@@ -23,6 +24,7 @@ class TrainConfig:
     device: Device = Device.auto
     dtype: Dtype = Dtype.bf16
     seed: int = 1234
+    kernels: KernelChoice = KernelChoice.auto  # RMSNorm and AdamW: apex where usable, or torch
     output_dir: str = "${hydra:runtime.output_dir}"
 
 

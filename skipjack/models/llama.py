@@ -35,6 +35,7 @@ from skipjack.config import (
     validate_model,
     validate_tensor_parallel,
 )
+from skipjack.models.kernels import rms_norm
 from skipjack.models.rope import apply_rope, rope_cos_sin
 from skipjack.models.subnet import Subnet, complement, head_rows, kv_heads_used
 from skipjack.parallel.shard_spec import HeadLayout, ShardSpec, replicated, set_spec, spec_of
@@ -88,13 +89,19 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, tp: TensorParallel):
         super().__init__()
         self.eps = eps
+        self.kernel = "torch"  # or "apex" (models/kernels.py; use_norm_kernel)
         self.weight = nn.Parameter(torch.empty(dim))
         set_spec(self.weight, replicated((dim,), partial_grad=tp.sequence_parallel and tp.size > 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps, self.kernel)
+
+
+def use_norm_kernel(model: nn.Module, kernel: str) -> None:
+    """Run every RMSNorm of `model` with `kernel` (torch | apex)."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.kernel = kernel
 
 
 def column_parallel(

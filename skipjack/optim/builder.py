@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from skipjack.config import GaLoreConfig, ModelConfig, OptimConfig
+from skipjack.models.kernels import TORCH, Kernels, apex_modules
 from skipjack.optim.galore import GaLoreAdamW
 from skipjack.optim.galore_plus import GaLorePlusAdamW
 
@@ -31,9 +32,11 @@ def build_optimizer(
     device: torch.device,
     model_cfg: ModelConfig,
     groups: dict[str, dist.ProcessGroup] | None = None,
+    kernels: Kernels = TORCH,
 ) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), or GaLore / GaLore+ for the attention and MLP matrices with AdamW
-    for the rest. Weight decay on matrices only (norm weights are not decayed)."""
+    """AdamW (torch's, fused on CUDA, or apex's FusedAdam as `kernels` says), or GaLore /
+    GaLore+ for the attention and MLP matrices with AdamW for the rest. Weight decay on matrices
+    only (norm weights are not decayed)."""
     modules = model if isinstance(model, torch.nn.ModuleList) else [model]  # stage chunks
     named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
     vectors = {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}
@@ -43,12 +46,12 @@ def build_optimizer(
             "params": [p for _, p in named if p.ndim >= 2],
             "weight_decay": cfg.weight_decay,
         }
+        param_groups = [g for g in (matrices, vectors) if g["params"]]
+        if kernels.adam == "apex":
+            _, fused_adam = apex_modules()
+            return fused_adam(param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, adam_w_mode=True)
         return torch.optim.AdamW(
-            [g for g in (matrices, vectors) if g["params"]],
-            lr=cfg.lr,
-            betas=betas,
-            eps=cfg.eps,
-            fused=device.type == "cuda",
+            param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=device.type == "cuda"
         )
     kind = GaLorePlusAdamW if cfg.name == "galore_plus" else GaLoreAdamW
     g = cfg.galore  # the config's fields are the low-rank group's options

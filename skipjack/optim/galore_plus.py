@@ -5,15 +5,16 @@ each choice, are in docs/optimizers.md.
 
 - Randomized subspace iteration instead of an exact SVD (`svd: rsi`, in galore.py).
 - Cross-head projection (`heads` > 0) for the attention weights, two readings (`cross_head`):
-  - `head` (the default): one basis on the head side (head_dim x rank/n_heads), estimated from
-    `heads` randomly drawn heads (re-drawn at every refresh, seeded by name and step) and applied
-    to every head's block: each head keeps its own rank/n_heads coordinates, so the moments have
-    the size of GaLore's at the same rank and the basis is n_heads times smaller. Heads are the
-    tensor-parallel split, so a shard projects its own heads with no communication and its
-    moments are its heads' rows.
-  - `model`: one basis on the model side shared by the whole matrix (GaLore's projection),
-    estimated from enough drawn heads that the sample has rank + oversample rows, so the
-    estimate truncates.
+  - `model` (the default): one basis on the model side, the side not split into heads, shared
+    by the whole matrix (GaLore's projection), estimated from drawn heads (re-drawn at every
+    refresh, seeded by name and step): `heads` of them, raised until the sample has rank +
+    oversample rows so that the estimate truncates. A weight's gradient is a sum of outer
+    products with the layer's input (wq, wk, wv) or output (wo), which every head shares, so one
+    head's model-side subspace is nearly every head's (bench/cross_head.py measures it).
+  - `head`: one basis on the head side (head_dim x rank/n_heads) from one drawn head, applied
+    to every head's block; the moments have GaLore's size at the same rank and a shard's are its
+    heads' rows (no communication under tensor parallelism). It misses far more of real
+    gradients than `model`: heads' head-side subspaces are not shared.
 - Sparsely coded residuals (`density` > 0): a fixed set of k = density x size entries of each
   low-rank matrix, where the projection misses most, gets Adam's own moments of the whole
   gradient, and their direction, scaled like the low-rank update, replaces the low-rank update

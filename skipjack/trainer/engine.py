@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 from skipjack.batch import MicroBatch
 from skipjack.checkpoint.state import ModelState, OptimizerState, ScheduleState, State
-from skipjack.config import TrainJobConfig
+from skipjack.config import ConfigError, TrainJobConfig
+from skipjack.models.kernels import Kernels, select_kernels
+from skipjack.models.llama import use_norm_kernel
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.optim.inactive import Slice, slices_left_alone
 from skipjack.parallel.data_parallel import GradientSync
@@ -52,6 +54,7 @@ class Engine(Protocol):
     """What the trainer's loop needs of an engine (one per training layout)."""
 
     optimizer: torch.optim.Optimizer
+    kernels: Kernels  # what runs RMSNorm and AdamW
 
     @property
     def lr(self) -> float: ...
@@ -99,7 +102,14 @@ class NativeEngine:
         )
         vocab = [self.runtime.vocab.shards] if self.runtime.vocab is not None else []
         self.model = torch.nn.ModuleList(self.runtime.chunks + vocab)
-        self.optimizer = build_optimizer(self.model, job.optim, device, job.model, dims.groups)
+        try:
+            self.kernels = select_kernels(job.train.kernels, device)
+        except ValueError as e:
+            raise ConfigError("train.kernels", str(e)) from None
+        use_norm_kernel(self.model, self.kernels.norm)
+        self.optimizer = build_optimizer(
+            self.model, job.optim, device, job.model, dims.groups, self.kernels
+        )
         self.schedule = build_lr_schedule(self.optimizer, job.optim, job.train.steps)
         self.grad_sync = GradientSync(
             self.model.parameters(), dims.group("dp"), job.parallel.bucket_mb
