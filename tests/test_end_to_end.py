@@ -150,10 +150,10 @@ def test_plain_torchrun_saves_into_one_run_directory_and_resumes_bitwise(tmp_pat
 
 
 def test_sft_of_a_hugging_face_llama_at_tp2_exports_what_transformers_reloads(tmp_path):
-    """A random transformers Llama with its tokenizer, fine-tuned 3 steps on a generated
-    instruction set at tp=2 under torchrun (experiment=sft_from_hf), exported with `skipjack
-    convert export`, reloaded by transformers: its logits are skipjack's of the checkpoint, and
-    the weights moved."""
+    """A random transformers Llama with its tokenizer; a generated instruction set tokenized by
+    `skipjack preprocess kind=sft`; fine-tuned 3 steps on it at tp=2 under torchrun
+    (experiment=sft_from_hf), exported with `skipjack convert export`, reloaded by transformers:
+    its logits are skipjack's of the checkpoint, and the weights moved."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -178,7 +178,12 @@ def test_sft_of_a_hugging_face_llama_at_tp2_exports_what_transformers_reloads(tm
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(hf)
     run_skipjack(
-        "train", "experiment=sft_from_hf", f"model.init_from={hf}", "data.paths=[train.jsonl]",
+        "preprocess", "kind=sft", "inputs=[train.jsonl]", "output_prefix=data/chat",
+        f"tokenizer={hf}", cwd=tmp_path,
+    )  # fmt: skip
+    run_skipjack(
+        "train", "experiment=sft_from_hf", f"model.init_from={hf}",
+        "data.paths=[data/chat.sft.npz]",
         "launch=torchrun", "launch.nproc_per_node=2", "parallel.tp=2", "train.steps=3",
         "train.global_batch_size=4", "train.seq_len=64", "train.val_interval=3",
         "train.val_batches=1", "optim.lr=1e-3", "optim.warmup_steps=0", "checkpoint.interval=3",

@@ -13,6 +13,7 @@ from skipjack.config.errors import ConfigError
 
 DataKind = Choice("DataKind", "builtin indexed sft")
 OnBadRecord = Choice("OnBadRecord", "skip fail")
+PreprocessKind = Choice("PreprocessKind", "indexed sft")
 
 
 @dataclass
@@ -40,13 +41,18 @@ class DataConfig:
 
 @dataclass
 class PreprocessConfig:
-    """`skipjack preprocess`: text/jsonl files -> Megatron indexed dataset (.bin/.idx)."""
+    """`skipjack preprocess`: text/jsonl files -> Megatron indexed dataset (.bin/.idx); with
+    `kind=sft`, jsonl instruction records -> tokenized examples with their loss masks
+    (<output_prefix>.sft.npz, for data=sft), rendered with the chat template of `tokenizer` (a
+    model directory) where it has one."""
 
+    kind: PreprocessKind = PreprocessKind.indexed
     inputs: list[str] = field(default_factory=list)
     output_prefix: str = MISSING
     json_key: str = "text"
     tokenizer: Optional[str] = None
     tokenizer_vocab_size: int = 4096
+    on_bad_record: OnBadRecord = OnBadRecord.skip  # kind=sft
     cache_dir: str = "${oc.env:SKIPJACK_CACHE,'~/.cache/skipjack'}"
 
 
@@ -68,7 +74,9 @@ def validate_data(d: DataConfig) -> None:
             raise ConfigError("data.paths", "data=sft needs jsonl files of instruction records")
         for path in d.paths:
             if not os.path.isfile(os.path.expanduser(path)):
-                raise ConfigError("data.paths", f"{path} does not exist (a jsonl file)")
+                raise ConfigError(
+                    "data.paths", f"{path} does not exist (a jsonl file, or a .sft.npz file)"
+                )
     if d.tokenizer is not None and not os.path.exists(os.path.expanduser(d.tokenizer)):
         raise ConfigError(
             "data.tokenizer", f"{d.tokenizer} does not exist; give a tokenizer.json or null"

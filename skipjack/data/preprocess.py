@@ -1,4 +1,5 @@
-"""`skipjack preprocess`: text or jsonl files -> a Megatron indexed dataset, with progress."""
+"""`skipjack preprocess`: text or jsonl files -> a Megatron indexed dataset, or (`kind=sft`)
+instruction records -> tokenized examples with loss masks; with progress."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from skipjack.config import ConfigError, PreprocessConfig
 from skipjack.data.indexed import read_documents, tokenize_documents, write_indexed
+from skipjack.data.sft import chat_format
+from skipjack.data.sft_store import SUFFIX, fingerprint, tokenize_with_progress, write_examples
 from skipjack.data.tokenizer import Tokenizer, cached_bpe
 
 
@@ -26,6 +29,8 @@ def run_preprocess(cfg: PreprocessConfig) -> tuple[str, str]:
             raise ConfigError("inputs", f"{path} is not a file")
     prefix = os.path.expanduser(cfg.output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    if cfg.kind == "sft":
+        return preprocess_sft(cfg, inputs, prefix)
     if cfg.tokenizer:
         tokenizer = Tokenizer.load(cfg.tokenizer)
     else:
@@ -63,3 +68,17 @@ def run_preprocess(cfg: PreprocessConfig) -> tuple[str, str]:
         progress.update(task, completed=total)
     print(f"wrote {prefix}.bin/.idx ({counts['tokens']:,} tokens), tokenizer {tokenizer.path}")
     return prefix, tokenizer.path
+
+
+def preprocess_sft(cfg: PreprocessConfig, inputs: list[str], prefix: str) -> tuple[str, str]:
+    """Instruction records -> `<prefix>.sft.npz` (data/sft_store.py), for `data.paths`."""
+    chat = chat_format(cfg, None)
+    examples, report = tokenize_with_progress(inputs, chat, cfg.on_bad_record, shown=True)
+    out = f"{prefix}{SUFFIX}"
+    write_examples(out, examples, report, fingerprint(chat))
+    tokens = sum(len(ids) for ids, _ in examples)
+    trained = sum(sum(mask) for _, mask in examples)
+    source = cfg.tokenizer or "the built-in corpus' tokenizer and the default template"
+    print(f"wrote {out}: {report.describe()}; {tokens:,} tokens, {trained:,} with loss; "
+          f"tokenized with {source}")  # fmt: skip
+    return out, cfg.tokenizer or ""

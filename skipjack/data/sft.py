@@ -17,7 +17,7 @@ a sequence of its own. An example longer than a sequence is cut to fit (counted 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -181,15 +181,20 @@ def conversation(record) -> list[dict]:
 
 
 def read_examples(
-    paths: Sequence[str], chat: ChatFormat, on_bad_record: str = "skip"
+    paths: Sequence[str],
+    chat: ChatFormat,
+    on_bad_record: str = "skip",
+    advance: Callable[[int], None] | None = None,
 ) -> tuple[list[tuple[list[int], list[bool]]], Report]:
     """Every record of the jsonl files `paths` as (ids, loss mask). A malformed record is
     counted with its file and line and skipped, or raises ConfigError naming it when
-    `on_bad_record` is `fail`."""
+    `on_bad_record` is `fail`. `advance(n)` is told the bytes of every line read."""
     examples, report = [], Report()
     for path in paths:
         with open(Path(path).expanduser(), encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
+                if advance is not None:
+                    advance(len(line.encode("utf-8", "replace")))
                 if not line.strip():
                     continue
                 try:
@@ -278,24 +283,3 @@ def chat_format(cfg, model_dir: str | None) -> ChatFormat:
         cache = Path(cfg.cache_dir).expanduser() / "tokenizers"
         tokenizer = cached_bpe(corpus_texts(), cfg.tokenizer_vocab_size, cache)
     return ChatFormat(tokenizer.hf, DEFAULT_TEMPLATE, {"eos_token": EOD})
-
-
-def sft_datasets(cfg, seq_len: int, model_dir: str | None) -> tuple:
-    """(train, validation, chat format) of `data=sft` (`chat_format`); the last `split` share
-    of the examples validates. Prints what reading found on rank 0."""
-    import torch.distributed as dist
-
-    chat = chat_format(cfg, model_dir)
-    examples, report = read_examples(cfg.paths, chat, cfg.on_bad_record)
-    weights = [float(w) for w in cfg.split.split(",")]
-    n_valid = max(1, round(len(examples) * weights[1] / sum(weights)))
-    if len(examples) <= n_valid:
-        raise ConfigError(
-            "data.paths", f"{len(examples)} usable examples: too few to train and validate on"
-        )
-    train = SftDataset(examples[:-n_valid], seq_len, chat.pad, cfg.pack, report)
-    valid = SftDataset(examples[-n_valid:], seq_len, chat.pad, cfg.pack, report)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"skipjack: sft data: {report.describe()}; {len(train)} training sequences, "
-              f"{100 * train.padding():.1f}% padding")  # fmt: skip
-    return train, valid, chat

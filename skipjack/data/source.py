@@ -1,4 +1,5 @@
-"""The datasets and tokenizer a DataConfig names: the built-in corpus or an indexed blend."""
+"""The datasets and tokenizer a DataConfig names: the built-in corpus, an indexed blend or
+instruction data."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch.distributed as dist
 from skipjack.config import ConfigError, DataConfig, parse_blend
 from skipjack.data.builtin import prepare_builtin
 from skipjack.data.indexed import build_gpt_datasets
-from skipjack.data.sft import sft_datasets
+from skipjack.data.sft import SftDataset, chat_format
+from skipjack.data.sft_store import load_examples
 from skipjack.data.tokenizer import Tokenizer
 
 
@@ -37,14 +39,46 @@ def build_datasets(
     `model_dir`: where instruction data (`data=sft`) finds its tokenizer and chat template when
     `data.tokenizer` does not say."""
     if cfg.kind == "sft":
-        return sft_datasets(cfg, seq_len, model_dir)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_rank() == 0:
-            resolve_source(cfg)
-        dist.barrier()
-    prefixes, weights, tokenizer = resolve_source(cfg)
+        return _rank_zero_first(lambda: sft_datasets(cfg, seq_len, model_dir))
+    prefixes, weights, tokenizer = _rank_zero_first(lambda: resolve_source(cfg))
     cache = str(Path(os.path.expanduser(cfg.cache_dir)) / "indices")
     train, valid = build_gpt_datasets(
         prefixes, weights, cfg.split, seq_len, seed, sizes, tokenizer, cache
     )
     return train, valid, tokenizer
+
+
+def _rank_zero_first(build):
+    """`build()` on rank 0 first, then on the other ranks, which read the caches it filled."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return build()
+    lead, built, failed = dist.get_rank() == 0, None, None
+    if lead:
+        try:
+            built = build()
+        except Exception as error:  # the others must not wait for it: they fail the same way
+            failed = error
+    dist.barrier()
+    if failed is not None:
+        raise failed
+    return built if lead else build()
+
+
+def sft_datasets(cfg, seq_len: int, model_dir: str | None) -> tuple:
+    """(train, validation, chat format) of `data=sft` (`chat_format`); the last `split` share
+    of the examples validates. Prints what reading found on rank 0."""
+    chat = chat_format(cfg, model_dir)
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    examples, report = load_examples(cfg.paths, chat, cfg.on_bad_record, cfg.cache_dir, lead)
+    weights = [float(w) for w in cfg.split.split(",")]
+    n_valid = max(1, round(len(examples) * weights[1] / sum(weights)))
+    if len(examples) <= n_valid:
+        raise ConfigError(
+            "data.paths", f"{len(examples)} usable examples: too few to train and validate on"
+        )
+    train = SftDataset(examples[:-n_valid], seq_len, chat.pad, cfg.pack, report)
+    valid = SftDataset(examples[-n_valid:], seq_len, chat.pad, cfg.pack, report)
+    if lead:
+        print(f"skipjack: sft data: {report.describe()}; {len(train)} training sequences, "
+              f"{100 * train.padding():.1f}% padding")  # fmt: skip
+    return train, valid, chat

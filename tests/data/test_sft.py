@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from skipjack.batch import IGNORE_INDEX
-from skipjack.config import ConfigError
+from skipjack.config import ConfigError, PreprocessConfig
 from skipjack.data.indexed import sample_batch
+from skipjack.data.preprocess import run_preprocess
 from skipjack.data.sft import DEFAULT_TEMPLATE, ChatFormat, SftDataset, read_examples
+from skipjack.data.sft_store import fingerprint, load_examples, read_examples_file
 from skipjack.data.tokenizer import EOD, train_bpe
 from skipjack.models.llama import Llama
 from skipjack.testing.reference import tiny_config
@@ -112,6 +114,39 @@ def test_malformed_records_are_reported_with_their_lines_or_stop_the_job(tmp_pat
     assert f"{path}:2:" in report.describe()
     with pytest.raises(ConfigError, match=r"data.on_bad_record.*bad.jsonl:2:"):
         read_examples([path], chat, "fail")
+
+
+def test_preprocessed_and_cached_sets_hold_what_reading_the_records_gives(
+    tmp_path, model_dir, monkeypatch
+):
+    """`skipjack preprocess kind=sft` writes the examples and the report of reading the records
+    with the model directory's template; data=sft caches a jsonl file's examples on first use
+    and reads them back after; a set made with another tokenizer is refused by name."""
+    records = [json.dumps({"messages": chat}) for chat in CHATS] + ["{not json"]
+    path = write_records(tmp_path / "chat.jsonl", records * 3)
+    chat = ChatFormat.from_directory(model_dir[0])
+    want, want_report = read_examples([path], chat)
+    cfg = PreprocessConfig(
+        kind="sft", inputs=[path], output_prefix=str(tmp_path / "out" / "chat"),
+        tokenizer=str(model_dir[0]), cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    out, _ = run_preprocess(cfg)
+    assert out == str(tmp_path / "out" / "chat.sft.npz")
+    got, report = read_examples_file(out, fingerprint(chat))
+    assert got == want and report.bad == want_report.bad and report.examples == 6
+    cache = str(tmp_path / "cache")
+    first, _ = load_examples([path], chat, "skip", cache)
+    assert first == want and len(list((tmp_path / "cache" / "sft").iterdir())) == 1
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the records were read again")
+
+    monkeypatch.setattr("skipjack.data.sft_store.read_examples", no_reading)
+    again, again_report = load_examples([path, out], chat, "skip", cache)
+    assert again == want + want and again_report.bad == want_report.bad * 2
+    other = ChatFormat(chat.tokenizer, DEFAULT_TEMPLATE, chat.specials)
+    with pytest.raises(ConfigError, match=r"data.paths: .*chat.sft.npz was tokenized with"):
+        load_examples([out], other, "skip", cache)
 
 
 def test_a_packed_micro_batch_trains_like_its_examples_one_by_one(tmp_path):
