@@ -2,6 +2,8 @@
 
 `<checkpoint.dir>/step-0000120/` holds one checkpoint: DCP's files and, written last, the marker
 `checkpoint.json` (step, layout, and the size and checksum of every file; checkpoint/marker.py).
+A part that saves itself in its own format (`own_format`: DeepSpeed's ZeRO files) writes into
+`step-*/<part>/`, checksummed in the marker like the rest.
 A directory without the marker is never loaded, so a crash in the middle of a save leaves the
 previous checkpoints as they were; a save into a step's directory first removes what an
 interrupted save left there. At most one save is in flight: the next one waits for it. Once the
@@ -37,6 +39,16 @@ from skipjack.checkpoint.sharded import CheckpointError, Saving, flatten, load, 
 from skipjack.checkpoint.state import State
 from skipjack.config import CheckpointConfig, ModelConfig
 from skipjack.parallel.dims import ParallelDims
+
+
+def own_format(state: State) -> State:
+    """The parts that save and load their own files (`save_files(directory)`,
+    `load_files(directory)`: the DeepSpeed engine's ZeRO partitions) instead of tensors."""
+    return {part: s for part, s in state.items() if hasattr(s, "save_files")}
+
+
+def _files(directory: Path) -> list[Path]:
+    return [f for f in directory.rglob("*") if f.is_file()]
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -128,8 +140,14 @@ class PersistentTier:
         return next((p for p in problems if p is not None), None)
 
     def load(self, state: State) -> None:
-        """Fill `state` from the checkpoint `newest` found."""
-        load(state, str(self._found), self.group)
+        """Fill `state` from the checkpoint `newest` found: the parts in their own format from
+        their files, the others through DCP."""
+        own = own_format(state)
+        load(
+            {part: s for part, s in state.items() if part not in own}, str(self._found), self.group
+        )
+        for part, s in own.items():
+            s.load_files(self._found / part)
 
     # -- save ------------------------------------------------------------------------------
 
@@ -146,17 +164,25 @@ class PersistentTier:
                 shutil.rmtree(directory)  # what an interrupted save of this step left
             directory.mkdir(parents=True)
         dist.barrier(group=self.group)
-        parts = {part: s.state_dict() for part, s in state.items()}
+        own = own_format(state)
+        for part, s in own.items():  # a collective each, written before the DCP save starts
+            s.save_files(directory / part)
+        parts = {part: s.state_dict() for part, s in state.items() if part not in own}
         saving = save_async(flatten(parts), str(directory), self.group)
-        self._pending = (saving, self._finisher.submit(self._finish, saving, directory, step))
+        extra = sorted(str(f.relative_to(directory)) for p in own for f in _files(directory / p))
+        self._pending = (
+            saving,
+            self._finisher.submit(self._finish, saving, directory, step, extra),
+        )
 
-    def _finish(self, saving: Saving, directory: Path, step: int) -> None:
-        """This rank's background work once the files are written: hash the files it wrote;
-        rank 0 gathers the digests, writes the marker (only if every file the metadata names is
-        there) and prunes; every rank learns whether that worked."""
+    def _finish(self, saving: Saving, directory: Path, step: int, extra: list[str]) -> None:
+        """This rank's background work once the files are written: hash the files it wrote
+        (rank 0 also the `extra` files parts wrote in their own format); rank 0 gathers the
+        digests, writes the marker (only if every file the metadata names is there) and prunes;
+        every rank learns whether that worked."""
         saving.written.result()  # completes on every rank after all files and .metadata exist
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        mine = digests(directory, own_files(directory, rank, world))
+        mine = digests(directory, own_files(directory, rank, world) + (extra if rank == 0 else []))
         gathered: list | None = [None] * world if self.lead else None
         dist.gather_object(mine, gathered, group=self.group, group_dst=0)
         outcome: list = [None]

@@ -3,6 +3,7 @@ skipjack (`derive_micro_batches`) and the checks that span sections (`validate`)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -92,6 +93,35 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
     validate_checkpoint(cfg.checkpoint)
     validate_logging(cfg.logging)
     validate_launch(cfg.launch)
+    if t.engine == "deepspeed":
+        validate_deepspeed(cfg)
+
+
+def validate_deepspeed(cfg: TrainJobConfig) -> None:
+    """What `train.engine=deepspeed` (data parallelism through ZeRO) can run with; every refusal
+    names the engine that can."""
+    p, ds = cfg.parallel, cfg.train.deepspeed
+    if ds.zero_stage not in (1, 2, 3):
+        raise ConfigError("train.deepspeed.zero_stage", f"must be 1, 2 or 3, got {ds.zero_stage}")
+    if ds.config and not os.path.isfile(os.path.expanduser(ds.config)):
+        raise ConfigError("train.deepspeed.config", f"{ds.config} is not a file (a JSON config)")
+    native = "train.engine=native runs it"
+    refused = [
+        ("parallel.tp", p.tp > 1, f"tensor parallelism (tp={p.tp})"),
+        ("parallel.pp", p.pp > 1, f"pipeline parallelism (pp={p.pp})"),
+        ("parallel.vocab_parallel", p.vocab_parallel != "none", "vocabulary parallelism"),
+        ("parallel.skippipe.enabled", p.skippipe.enabled, "SkipPipe"),
+        ("optim.name", cfg.optim.name != "adamw",
+         f"{cfg.optim.name} (low-rank projection of ZeRO's flattened partitions)"),
+        ("regime.name", cfg.regime.name != "none", f"the {cfg.regime.name} regime's subnetworks"),
+        ("checkpoint.memory.interval", cfg.checkpoint.memory.interval > 0, "memory snapshots"),
+    ]  # fmt: skip
+    for field_name, on, what in refused:
+        if on:
+            raise ConfigError(
+                field_name, f"train.engine=deepspeed (ZeRO data parallelism) cannot run {what}; "
+                f"{native}",
+            )  # fmt: skip
 
 
 def validate_pipeline(cfg: TrainJobConfig, world_size: int) -> None:

@@ -1,9 +1,9 @@
 """`train`: steps, batch sizes, sequence length, device, dtype, seed, the run directory."""
 
-from __future__ import annotations
+from __future__ import annotations  # the schema's Optional[...] stays: OmegaConf 2.3 needs it
 
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError, positive
@@ -11,6 +11,17 @@ from skipjack.config.errors import ConfigError, positive
 Device = Choice("Device", "auto cpu cuda")
 Dtype = Choice("Dtype", "fp32 bf16")
 KernelChoice = Choice("KernelChoice", "auto torch apex")  # models/kernels.py
+EngineChoice = Choice("EngineChoice", "native deepspeed")  # trainer/engine.py, deepspeed_engine.py
+
+
+@dataclass
+class DeepSpeedConfig:
+    """`train.engine=deepspeed`: the ZeRO stage, optimizer states offloaded to the CPU, and a
+    DeepSpeed JSON config merged over the one skipjack generates (its keys win)."""
+
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    config: Optional[str] = None
 
 
 @dataclass
@@ -25,6 +36,8 @@ class TrainConfig:
     dtype: Dtype = Dtype.bf16
     seed: int = 1234
     kernels: KernelChoice = KernelChoice.auto  # RMSNorm and AdamW: apex where usable, or torch
+    engine: EngineChoice = EngineChoice.native
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "${hydra:runtime.output_dir}"
 
 

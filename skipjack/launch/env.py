@@ -102,6 +102,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[in
     info = discover()
     timeout = timedelta(seconds=timeout_s)
     if info.launcher == "single":
+        os.environ.setdefault("LOCAL_RANK", "0")  # what libraries read (DeepSpeed asserts it)
         dist.init_process_group(
             backend(device.type), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )

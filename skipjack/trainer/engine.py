@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from skipjack.batch import MicroBatch
+from skipjack.checkpoint.sharded import load_model
 from skipjack.checkpoint.state import ModelState, OptimizerState, ScheduleState, State
 from skipjack.config import ConfigError, TrainJobConfig
 from skipjack.models.kernels import Kernels, select_kernels
@@ -78,6 +79,13 @@ class Engine(Protocol):
 
     def blocks(self) -> dict[int, torch.nn.Module]: ...
 
+    def load_weights(self, source: str) -> None:
+        """Start from the weights in `source` (`model.init_from`: a Hugging Face directory or a
+        skipjack step directory); nothing else of the state."""
+        ...
+
+    def describe(self) -> str: ...
+
 
 class NativeEngine:
     """This rank's part of the model (pipeline chunks, and the vocabulary shards if any), its
@@ -128,6 +136,13 @@ class NativeEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def describe(self) -> str:
+        return "engine: native"
+
+    def load_weights(self, source: str) -> None:
+        model = {"model": ModelState(self.model, self.dims)}
+        load_model(model, self.model_config, source, self.dims.group("checkpoint"))
 
     def plan(self, step: int) -> StepPlan:
         """The plan of optimizer step `step`: SkipPipe's paths where it is on, else the full

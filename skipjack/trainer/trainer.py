@@ -21,7 +21,6 @@ from skipjack.atomic import write_text
 from skipjack.batch import MicroBatch
 from skipjack.checkpoint.convert import init_model_config
 from skipjack.checkpoint.manager import CheckpointManager
-from skipjack.checkpoint.sharded import load_model
 from skipjack.checkpoint.state import Progress, RNGState, State
 from skipjack.config import ConfigError, TrainJobConfig, prepare, resolve_dp
 from skipjack.data.loader import ShardedLoader
@@ -49,6 +48,17 @@ def step_plan(engine: Engine, regime: Regime | None, step: int) -> StepPlan:
     tensor-parallel shard's part of them)."""
     plan = engine.plan(step)
     return plan if regime is None else replace(plan, subnets=regime.subnets(step))
+
+
+def build_engine(
+    job: TrainJobConfig, dims: ParallelDims, accumulation: int, device: torch.device
+) -> Engine:
+    """The engine `train.engine` names: skipjack's own, or DeepSpeed's ZeRO."""
+    if job.train.engine == "deepspeed":
+        from skipjack.trainer.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(job, dims, accumulation, device)
+    return NativeEngine(job, dims, accumulation, device)
 
 
 def train_step(
@@ -176,7 +186,7 @@ class Trainer:
         self.dims = dims = job_dims(job, self.device)
         self.loader, self.val_batches = job_data(job, dims, t.val_batches)
         torch.manual_seed(t.seed)
-        self.engine: Engine = NativeEngine(job, dims, self.loader.accumulation_steps, self.device)
+        self.engine: Engine = build_engine(job, dims, self.loader.accumulation_steps, self.device)
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         self.wandb_run = _wandb_run(job, self.run_dir, resolved) if self.lead else None
         self.metrics = Metrics(
@@ -198,7 +208,7 @@ class Trainer:
             print(
                 f"skipjack: optimizer {job.optim.name}: "
                 f"{planned_state_bytes(self.engine.optimizer) / 2**20:.2f} MiB of state on rank 0; "
-                f"{self.engine.kernels.describe(self.device)}"
+                f"{self.engine.kernels.describe(self.device)}; {self.engine.describe()}"
             )
         self.regime = build_regime(job, dims, self.engine.blocks())
         if self.lead and self.regime is not None:
@@ -229,7 +239,7 @@ class Trainer:
                 for note in self.checkpoints.tier(self.checkpoints.restored_tier).notes:
                     print(f"skipjack: {note}")
         elif job.model.init_from:
-            load_model(self.state, job.model, job.model.init_from, dims.group("checkpoint"))
+            self.engine.load_weights(job.model.init_from)
             if self.lead:
                 print(f"skipjack: weights from {job.model.init_from}")
         if self.lead and getattr(self.engine, "skippipe", None) is not None:
