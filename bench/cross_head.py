@@ -11,9 +11,9 @@
    `cross_head=head` (one head-side basis from one drawn head, RSI, applied to every head).
    Reported: the gradient energy each misses, of the whole matrix and per head (the mean over
    heads of |G_h - approx_h|^2 / |G_h|^2), and each one's state bytes.
-2. Quality: the default job (`tiny`) and a short `llama_60m` run through the CLI with optim=galore
-   and optim=galore_plus under each reading, sparse residuals off (residuals are measured by
-   bench/optimizers.py): final validation loss, relative to GaLore's.
+2. Quality: the default job (`tiny`) and a short `llama_60m` run through the CLI with optim=galore,
+   optim=galore_plus under each reading with sparse residuals off, and galore_plus as shipped
+   (`--runs` picks some): final validation loss, relative to GaLore's.
 """
 
 from __future__ import annotations
@@ -133,12 +133,14 @@ QUALITY = {  # label -> optimizer overrides
     "GaLore+ cross_head=head": [
         "optim=galore_plus", "optim.galore.cross_head=head", "optim.galore.density=0",
     ],
+    "GaLore+ as shipped": ["optim=galore_plus"],  # cross_head=model with sparse residuals
 }  # fmt: skip
 
 
-def quality(model: str, steps: int, workdir: Path) -> list[dict]:
+def quality(model: str, steps: int, workdir: Path, labels: list[str]) -> list[dict]:
     rows = []
-    for label, overrides in QUALITY.items():
+    for label in labels:
+        overrides = QUALITY[label]
         run_dir = workdir / f"{model}-{len(rows)}"
         command = [
             sys.executable, "-m", "skipjack.cli", "train", f"model={model}", *overrides,
@@ -160,9 +162,9 @@ def quality(model: str, steps: int, workdir: Path) -> list[dict]:
             }
         )
         print(rows[-1], flush=True)
-    galore = rows[0]["val_loss"]
+    galore = next((r["val_loss"] for r in rows if r["optimizer"] == "GaLore"), None)
     for row in rows:
-        row["vs_galore"] = row["val_loss"] / galore
+        row["vs_galore"] = row["val_loss"] / galore if galore else float("nan")
     return rows
 
 
@@ -182,17 +184,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--quality-steps", type=int, default=300, help="default job (0: skip)")
     parser.add_argument("--quality-60m-steps", type=int, default=100, help="llama_60m (0: skip)")
+    parser.add_argument("--runs", default=",".join(QUALITY), help="which quality runs")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     at = [int(s) for s in args.at.split(",")]
     results = {"approximation": []}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         results["approximation"] += approximation(name, at, args.lr)
     results["quality"] = []
     with tempfile.TemporaryDirectory() as workdir:
         for model, steps in (("tiny", args.quality_steps), ("llama_60m", args.quality_60m_steps)):
             if steps:
-                results["quality"] += quality(model, steps, Path(workdir))
+                results["quality"] += quality(model, steps, Path(workdir), args.runs.split(","))
     columns = {
         "approximation": [
             "model", "step", "rank", "reading", "missed_whole", "missed_per_head", "state_mib",

@@ -77,9 +77,19 @@ class OptimizerState:
                 if dim is not None:
                     value = as_global(value, _state_spec(spec_of(p), value, dim), self.dims)
                 state[f"{name}/{key}"] = value
+        for i, group in enumerate(self.optimizer.param_groups):
+            if "step" in group:  # counted per group, not per parameter (apex's FusedAdam)
+                state[f"param_groups/{i}/step"] = torch.tensor(float(group["step"]))
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            if f"param_groups/{i}/step" in state:
+                step = state[f"param_groups/{i}/step"]
+                if torch.is_tensor(group["step"]):
+                    group["step"].fill_(float(step))
+                else:
+                    group["step"] = int(step)
         join_replicas(self.modules, self.dims, self.optimizer)
 
     def _shard_dim(self, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> int | None:

@@ -25,12 +25,15 @@ from skipjack.config import ConfigError
 from skipjack.data.sft import ChatFormat, Report, read_examples
 
 SUFFIX = ".sft.npz"
+FORMAT = 1  # of the rendering and the file: part of every fingerprint
 Examples = list[tuple[list[int], list[bool]]]
 
 
 def fingerprint(chat: ChatFormat) -> str:
     """What tokenized examples depend on: the tokenizer, the template, the special tokens."""
-    text = json.dumps([chat.tokenizer.to_str(), chat.template, chat.specials], sort_keys=True)
+    text = json.dumps(
+        [FORMAT, chat.tokenizer.to_str(), chat.template, chat.specials], sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -102,6 +105,13 @@ def load_examples(
     for path in paths:
         if path.endswith(SUFFIX):
             got, found = read_examples_file(path, made_by)
+            if found.bad and on_bad_record == "fail":
+                source, line, why = found.bad[0]
+                raise ConfigError(
+                    "data.on_bad_record",
+                    f"{path} was made skipping malformed records, the first {source}:{line}: "
+                    f"{why} (or set it to skip)",
+                )
         else:
             cached = _cache_file(path, made_by, on_bad_record, cache_dir)
             if cached.is_file():

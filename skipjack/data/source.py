@@ -49,19 +49,31 @@ def build_datasets(
 
 
 def _rank_zero_first(build):
-    """`build()` on rank 0 first, then on the other ranks, which read the caches it filled."""
+    """`build()` on rank 0 first, then on the other ranks, which read the caches it filled. A
+    failure anywhere is raised on every rank (none is left waiting at a later collective)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return build()
-    lead, built, failed = dist.get_rank() == 0, None, None
-    if lead:
-        try:
-            built = build()
-        except Exception as error:  # the others must not wait for it: they fail the same way
-            failed = error
-    dist.barrier()
-    if failed is not None:
-        raise failed
-    return built if lead else build()
+    lead = dist.get_rank() == 0
+    built, failed = _attempt(build) if lead else (None, None)
+    first = [failed]
+    dist.broadcast_object_list(first, src=0)
+    if first[0] is not None:
+        raise first[0]
+    if not lead:
+        built, failed = _attempt(build)
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failed)
+    for failure in failures:
+        if failure is not None:
+            raise failure
+    return built
+
+
+def _attempt(build):
+    try:
+        return build(), None
+    except Exception as error:  # handed to every rank, raised there
+        return None, error
 
 
 def sft_datasets(cfg, seq_len: int, model_dir: str | None) -> tuple:

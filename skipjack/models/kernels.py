@@ -13,6 +13,7 @@ The trainer prints the choice (`Kernels.describe`) at start.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -24,9 +25,12 @@ class Kernels:
     norm: str  # torch | apex
     adam: str  # torch | apex
 
-    def describe(self, device: torch.device) -> str:
+    def describe(self, device: torch.device, optimizer: str = "adamw") -> str:
+        """What runs, for `optimizer` (optim.name: GaLore and GaLore+ step themselves)."""
         norm = "apex FusedRMSNorm" if self.norm == "apex" else "torch rms_norm"
-        if self.adam == "apex":
+        if optimizer != "adamw":
+            adam = f"{optimizer}'s own step"
+        elif self.adam == "apex":
             adam = "apex FusedAdam"
         else:
             adam = "torch AdamW (fused)" if device.type == "cuda" else "torch AdamW (foreach)"
@@ -36,6 +40,7 @@ class Kernels:
 TORCH = Kernels("torch", "torch")
 
 
+@functools.cache
 def apex_modules():
     """apex's fused RMSNorm function and FusedAdam class, or None where apex is not importable
     (or lacks its CUDA extensions)."""
@@ -66,8 +71,9 @@ def select_kernels(choice: str, device: torch.device) -> Kernels:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str) -> torch.Tensor:
-    """RMSNorm of `x` over its last dimension in float32, cast back to x's dtype, times
-    `weight` (Llama's order, as Hugging Face's `LlamaRMSNorm`)."""
+    """RMSNorm of `x` over its last dimension: torch's normalises in float32, casts back to x's
+    dtype, then multiplies by `weight` (Llama's order, as Hugging Face's `LlamaRMSNorm`); apex's
+    fused kernel scales before it casts (a rounding apart under bf16)."""
     if kernel == "apex":
         fused, _ = apex_modules()
         return fused(x, weight, weight.shape, eps)

@@ -12,8 +12,9 @@ each choice, are in docs/optimizers.md.
     products with the layer's input (wq, wk, wv) or output (wo), which every head shares, so one
     head's model-side subspace is nearly every head's (bench/cross_head.py measures it).
   - `head`: one basis on the head side (head_dim x rank/n_heads) from one drawn head, applied
-    to every head's block; the moments have GaLore's size at the same rank and a shard's are its
-    heads' rows (no communication under tensor parallelism). It misses far more of real
+    to every head's block; the moments have GaLore's size at the same rank (n_heads dividing
+    it; a rank below n_heads still gives each head one coordinate) and a shard's are its heads'
+    rows (no communication under tensor parallelism). It misses far more of real
     gradients than `model`: heads' head-side subspaces are not shared.
 - Sparsely coded residuals (`density` > 0): a fixed set of k = density x size entries of each
   low-rank matrix, where the projection misses most, gets Adam's own moments of the whole
@@ -127,7 +128,7 @@ class GaLorePlusAdamW(GaLoreAdamW):
     def _projection(self, p: torch.Tensor, group: dict) -> Projection:
         proj = super()._projection(p, group)
         heads = proj.spec.heads
-        if group["heads"] == 0 or heads is None:
+        if group["heads"] == 0 or heads is None or proj.rank == 0:
             return proj
         if group["cross_head"] == "model":  # the side that is not split into heads
             return Projection("right" if heads.dim == 0 else "left", proj.rank, proj.spec)
@@ -193,11 +194,14 @@ class GaLorePlusAdamW(GaLoreAdamW):
         if step == warmup:  # start from what the low-rank moments held before this step
             done = int(state["moment_step"]) - 1
             seeds = torch.zeros(2, index.numel(), device=grad.device)
-            if done:
-                before = (state["exp_avg"] - (1 - beta1) * low) / beta1
-                before_sq = (state["exp_avg_sq"] - (1 - beta2) * low * low) / beta2
-                seeds[0, mine] = proj.back_at(before, basis, rows, cols)
-                seeds[1, mine] = proj.back_at(before_sq.clamp_(min=0), basis * basis, rows, cols)
+            if done:  # undo this step's fold (a beta of 0 keeps no history: nothing to seed)
+                if beta1 > 0:
+                    before = (state["exp_avg"] - (1 - beta1) * low) / beta1
+                    seeds[0, mine] = proj.back_at(before, basis, rows, cols)
+                if beta2 > 0:
+                    before_sq = (state["exp_avg_sq"] - (1 - beta2) * low * low) / beta2
+                    squared = basis * basis
+                    seeds[1, mine] = proj.back_at(before_sq.clamp_(min=0), squared, rows, cols)
                 self._sum_over_shards(seeds, proj)
             avg.copy_(seeds[0])
             avg_sq.copy_(seeds[1])

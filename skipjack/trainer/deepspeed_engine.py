@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,8 +75,22 @@ def deepspeed_config(job: TrainJobConfig, dp: int, accumulation: int) -> dict:
             override = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ConfigError("train.deepspeed.config", f"{path}: {e}") from None
+        derived = sorted(DERIVED & override.keys())
+        if derived:
+            raise ConfigError(
+                "train.deepspeed.config",
+                f"{path} sets {', '.join(derived)}, which skipjack derives from train.* and "
+                "optim.grad_clip (its steps and schedule follow them); set those instead",
+            )
         config = _merged(config, override)
     return config
+
+
+# what the trainer's steps, LR schedule, loss scaling and precision rely on
+DERIVED = {
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+    "gradient_clipping", "fp16", "bf16",
+}  # fmt: skip
 
 
 def _merged(base: dict, override: dict) -> dict:
@@ -100,19 +115,27 @@ class DeepSpeedEngine:
 
         self.dims, self.device, self.accumulation = dims, device, accumulation
         self.model_config, self.seq_len = job.model, job.train.seq_len
-        self.stage = job.train.deepspeed.zero_stage
         self.dtype = job.train.dtype
+        self.config = deepspeed_config(job, dims.dp, accumulation)
+        self.stage = self.config["zero_optimization"].get("stage", 0)
         try:
             self.kernels = select_kernels(job.train.kernels, device)
         except ValueError as e:
             raise ConfigError("train.kernels", str(e)) from None
+        if "offload_optimizer" in self.config["zero_optimization"]:
+            if job.train.kernels == "apex":
+                raise ConfigError(
+                    "train.kernels",
+                    "apex's FusedAdam cannot step optimizer states offloaded to the CPU; use "
+                    "train.kernels=auto or torch, or no train.deepspeed.offload_optimizer",
+                )
+            self.kernels = replace(self.kernels, adam="torch")
         self.module = Llama(job.model).init_weights(job.train.seed, device)
         use_norm_kernel(self.module, self.kernels.norm)
         self.optimizer = build_optimizer(
             self.module, job.optim, device, job.model, dims.groups, self.kernels
         )
         self.schedule = build_lr_schedule(self.optimizer, job.optim, job.train.steps)
-        self.config = deepspeed_config(job, dims.dp, accumulation)
         self.ds, _, _, _ = deepspeed.initialize(
             model=self.module,
             optimizer=self.optimizer,
@@ -229,8 +252,7 @@ class DeepSpeedFiles:
 
     def save_files(self, directory: Path) -> None:
         """Every rank (a collective): DeepSpeed writes `directory`/zero/."""
-        self.ds.save_checkpoint(str(directory), tag=TAG, client_state={"dp": self.dp},
-                                save_latest=False)  # fmt: skip
+        self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
     def load_files(self, directory: Path) -> None:
         saved = self._saved_dp(directory)
@@ -245,8 +267,9 @@ class DeepSpeedFiles:
 
     @staticmethod
     def _saved_dp(directory: Path) -> int:
+        """The dp of the save, from DeepSpeed's model states (mapped, not read whole)."""
         files = sorted((directory / TAG).glob("*model_states.pt"))
         if not files:
             raise CheckpointError(f"{directory / TAG}: no DeepSpeed model states")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)
-        return int(state.get("dp", state.get("dp_world_size", 0)))
+        state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        return int(state["dp_world_size"])

@@ -208,7 +208,8 @@ class Trainer:
             print(
                 f"skipjack: optimizer {job.optim.name}: "
                 f"{planned_state_bytes(self.engine.optimizer) / 2**20:.2f} MiB of state on rank 0; "
-                f"{self.engine.kernels.describe(self.device)}; {self.engine.describe()}"
+                f"{self.engine.kernels.describe(self.device, job.optim.name)}; "
+                f"{self.engine.describe()}"
             )
         self.regime = build_regime(job, dims, self.engine.blocks())
         if self.lead and self.regime is not None:
