@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import markdown  # bench/tables.py
 
 from skipjack.batch import IGNORE_INDEX
 from skipjack.config import OptimConfig
@@ -168,15 +169,6 @@ def quality(model: str, steps: int, workdir: Path, labels: list[str]) -> list[di
     return rows
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,llama_60m")
@@ -204,7 +196,7 @@ def main() -> None:
     }  # fmt: skip
     print()
     for part, rows in results.items():
-        print(f"## {part}\n\n{_table(rows, columns[part])}\n")
+        print(f"## {part}\n\n{markdown(rows, columns[part], 4)}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

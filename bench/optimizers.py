@@ -40,6 +40,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from tables import markdown  # bench/tables.py
 
 from skipjack.batch import IGNORE_INDEX
 from skipjack.config import ModelConfig, OptimConfig
@@ -302,15 +303,6 @@ def _loss(model: torch.nn.Module, batch) -> torch.Tensor:
     )
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--refresh-presets", default="llama_60m,llama_130m,llama_350m,llama_1b")
@@ -345,7 +337,7 @@ def main() -> None:
         ],
     }  # fmt: skip
     for part, rows in results.items():
-        print(f"## {part}\n\n{_table(rows, columns[part])}\n")
+        print(f"## {part}\n\n{markdown(rows, columns[part])}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tables import markdown  # bench/tables.py
+
 from skipjack.data.builtin import corpus_texts
 from skipjack.trainer.metrics import read_metrics
 
@@ -78,15 +80,6 @@ def run(workdir: Path, name: str, overrides: list[str], steps: int) -> dict:
     }
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=3000)
@@ -116,7 +109,7 @@ def main() -> None:
         "engines": ["run", "tokens_per_s", "optimizer_mib", "step_s"],
     }
     for part, rows in results.items():
-        print(f"## {part}\n\n{_table(rows, columns[part])}\n")
+        print(f"## {part}\n\n{markdown(rows, columns[part])}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
