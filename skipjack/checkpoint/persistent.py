@@ -169,7 +169,12 @@ class PersistentTier:
             s.save_files(directory / part)
         parts = {part: s.state_dict() for part, s in state.items() if part not in own}
         saving = save_async(flatten(parts), str(directory), self.group)
-        extra = sorted(str(f.relative_to(directory)) for p in own for f in _files(directory / p))
+        # rank 0 hashes the files the parts wrote in their own format
+        extra = (
+            sorted(str(f.relative_to(directory)) for p in own for f in _files(directory / p))
+            if self.lead
+            else []
+        )
         self._pending = (
             saving,
             self._finisher.submit(self._finish, saving, directory, step, extra),
@@ -182,7 +187,7 @@ class PersistentTier:
         every rank learns whether that worked."""
         saving.written.result()  # completes on every rank after all files and .metadata exist
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
-        mine = digests(directory, own_files(directory, rank, world) + (extra if rank == 0 else []))
+        mine = digests(directory, own_files(directory, rank, world) + extra)
         gathered: list | None = [None] * world if self.lead else None
         dist.gather_object(mine, gathered, group=self.group, group_dst=0)
         outcome: list = [None]

@@ -39,13 +39,12 @@ from skipjack.batch import MicroBatch
 from skipjack.checkpoint.sharded import CheckpointError, load_model
 from skipjack.checkpoint.state import ModelState, ScheduleState, State
 from skipjack.config import ConfigError, TrainJobConfig
-from skipjack.models.kernels import select_kernels
 from skipjack.models.llama import Llama, use_norm_kernel
 from skipjack.optim.builder import build_lr_schedule, build_optimizer
 from skipjack.parallel.dims import ParallelDims
 from skipjack.parallel.pipeline.plan import StepPlan
-from skipjack.trainer.engine import StepResult
-from skipjack.trainer.pipeline import autocast_for, plan_flops
+from skipjack.trainer.engine import StepResult, global_targets, job_kernels
+from skipjack.trainer.pipeline import autocast_for, cross_entropy, plan_flops
 
 TAG = "zero"  # the checkpoint's sub-directory under deepspeed/
 
@@ -118,10 +117,7 @@ class DeepSpeedEngine:
         self.dtype = job.train.dtype
         self.config = deepspeed_config(job, dims.dp, accumulation)
         self.stage = self.config["zero_optimization"].get("stage", 0)
-        try:
-            self.kernels = select_kernels(job.train.kernels, device)
-        except ValueError as e:
-            raise ConfigError("train.kernels", str(e)) from None
+        self.kernels = job_kernels(job, device)
         if "offload_optimizer" in self.config["zero_optimization"]:
             if job.train.kernels == "apex":
                 raise ConfigError(
@@ -131,6 +127,7 @@ class DeepSpeedEngine:
                 )
             self.kernels = replace(self.kernels, adam="torch")
         self.module = Llama(job.model).init_weights(job.train.seed, device)
+        self.loss = cross_entropy(self.module.tp, job.model.vocab_size)
         use_norm_kernel(self.module, self.kernels.norm)
         self.optimizer = build_optimizer(
             self.module, job.optim, device, job.model, dims.groups, self.kernels
@@ -166,18 +163,14 @@ class DeepSpeedEngine:
     # --- a step ----------------------------------------------------------------------------
 
     def _targets(self, micro: list[MicroBatch]) -> torch.Tensor:
-        n = torch.tensor(float(sum(batch.targets for batch in micro)), device=self.device)
-        dist.all_reduce(n, group=self.dims.group("dp"))
-        return n
+        return global_targets(micro, self.device, self.dims.group("dp"))
 
     def _loss(self, batch: MicroBatch) -> torch.Tensor:
-        """The summed token loss of one micro-batch."""
+        """The summed token loss of one micro-batch (the native engine's loss, one shard)."""
         batch = batch.to(self.device)
         with autocast_for(self.device, self.dtype):
             logits = self.ds(batch.tokens, batch.positions, batch.documents)
-        return torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), batch.labels.flatten(), reduction="sum"
-        )
+        return self.loss(logits, batch)
 
     def step(
         self,

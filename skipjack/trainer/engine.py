@@ -51,6 +51,24 @@ class StepResult:
     dense_flops: float  # what its routes cost with every block whole (flops - dense: saved)
 
 
+def global_targets(
+    micro: list[MicroBatch], device: torch.device, dp: dist.ProcessGroup
+) -> torch.Tensor:
+    """Target tokens of the whole global batch (this rank's micro-batches over the replicas of
+    `dp`), counted on the device: NCCL reduces CUDA tensors only."""
+    n = torch.tensor(float(sum(batch.targets for batch in micro)), device=device)
+    dist.all_reduce(n, group=dp)
+    return n
+
+
+def job_kernels(job: TrainJobConfig, device: torch.device) -> Kernels:
+    """The kernels `train.kernels` runs on `device`; a config error where it cannot."""
+    try:
+        return select_kernels(job.train.kernels, device)
+    except ValueError as e:
+        raise ConfigError("train.kernels", str(e)) from None
+
+
 class Engine(Protocol):
     """What the trainer's loop needs of an engine (one per training layout)."""
 
@@ -110,10 +128,7 @@ class NativeEngine:
         )
         vocab = [self.runtime.vocab.shards] if self.runtime.vocab is not None else []
         self.model = torch.nn.ModuleList(self.runtime.chunks + vocab)
-        try:
-            self.kernels = select_kernels(job.train.kernels, device)
-        except ValueError as e:
-            raise ConfigError("train.kernels", str(e)) from None
+        self.kernels = job_kernels(job, device)
         use_norm_kernel(self.model, self.kernels.norm)
         self.optimizer = build_optimizer(
             self.model, job.optim, device, job.model, dims.groups, self.kernels
@@ -167,11 +182,7 @@ class NativeEngine:
         return float(total)
 
     def _targets(self, micro: list[MicroBatch]) -> torch.Tensor:
-        """Target tokens of the whole global batch (all micro-batches, all replicas), counted
-        on the device: NCCL reduces CUDA tensors only."""
-        n = torch.tensor(float(sum(batch.targets for batch in micro)), device=self.device)
-        dist.all_reduce(n, group=self.dims.group("dp"))
-        return n
+        return global_targets(micro, self.device, self.dims.group("dp"))
 
     def _global_loss(self, loss_sum: torch.Tensor) -> float:
         dist.all_reduce(loss_sum, group=self.dims.group("pp"))  # only last stages computed one
