@@ -73,6 +73,11 @@ def top_subspace(
     return randomized_subspace(whole, rank, oversample, power_iters, generator)
 
 
+def group_subspace(a: torch.Tensor, rank: int, side: str, group: dict, gen) -> torch.Tensor:
+    """`top_subspace` of `a` by the method and sketch sizes of a low-rank parameter group."""
+    return top_subspace(a, rank, side, group["svd"], group["oversample"], group["power_iters"], gen)
+
+
 def randomized_subspace(
     a: torch.Tensor,
     rank: int,
@@ -405,9 +410,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _estimate(self, full: torch.Tensor, group: dict, proj: Projection, gen) -> torch.Tensor:
         """The new global basis from the whole gradient `full`."""
-        return top_subspace(
-            full, proj.rank, proj.side, group["svd"], group["oversample"], group["power_iters"], gen
-        )
+        return group_subspace(full, proj.rank, proj.side, group, gen)
 
     def _refresh(self, p, grad, group: dict, state: dict, step: int) -> None:
         proj = self._projections[p]

@@ -44,7 +44,7 @@ from skipjack.optim.galore import (
     GaLoreAdamW,
     Projection,
     adam_direction,
-    top_subspace,
+    group_subspace,
 )
 from skipjack.parallel.shard_spec import ShardSpec
 
@@ -152,7 +152,7 @@ class GaLorePlusAdamW(GaLoreAdamW):
         else:
             sample = sample.flatten(heads.dim, heads.dim + 1)
             rank, side = proj.rank, proj.side
-        return _top(sample, rank, side, group, gen)
+        return group_subspace(sample, rank, side, group, gen)
 
     # --- sparse residuals -------------------------------------------------------------------
 
@@ -245,12 +245,6 @@ class GaLorePlusAdamW(GaLoreAdamW):
         sum over the shard group gives every rank all of them."""
         if proj.spec.sharded:
             dist.all_reduce(values, group=self._groups[proj.spec.group])
-
-
-def _top(sample, rank: int, side: str, group: dict, gen) -> torch.Tensor:
-    return top_subspace(
-        sample, rank, side, group["svd"], group["oversample"], group["power_iters"], gen
-    )
 
 
 def _local_entries(index: torch.Tensor, spec: ShardSpec):
