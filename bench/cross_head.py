@@ -1,7 +1,8 @@
 """GaLore+'s two readings of cross-head projection on real gradients, against GaLore.
 
     python bench/cross_head.py [--models tiny,llama_60m] [--at 0,100,300] [--quality-steps 300]
-                               [--quality-60m-steps 100] [--json out.json]
+                               [--quality-60m-steps 100] [--coverage-steps 0] [--gap 40]
+                               [--set optim.galore.update_proj_gap=50] [--json out.json]
 
 1. Approximation: a model trains with AdamW on the built-in corpus (the default job's data,
    batch 8 x 256); at the steps `--at` the gradient of every attention weight (wq, wk, wv, wo of
@@ -13,7 +14,13 @@
    heads of |G_h - approx_h|^2 / |G_h|^2), and each one's state bytes.
 2. Quality: the default job (`tiny`) and a short `llama_60m` run through the CLI with optim=galore,
    optim=galore_plus under each reading with sparse residuals off, and galore_plus as shipped
-   (`--runs` picks some): final validation loss, relative to GaLore's.
+   (`--runs` picks some; `--set` adds overrides to every run): final validation loss,
+   relative to GaLore's.
+3. Residual set (`--coverage-steps` > 0): on the attention gradients of every step of the
+   AdamW run, GaLore+ as shipped refreshing every `--gap` steps, with the sparse residual
+   entries fixed after the first warm-up or re-chosen after each refresh
+   (`residual_rebuild`): the share of the residual's energy |G - back(project(G))|^2 that the
+   entries hold, averaged over the steps before the first refresh and over those after it.
 """
 
 from __future__ import annotations
@@ -135,13 +142,52 @@ QUALITY = {  # label -> optimizer overrides
         "optim=galore_plus", "optim.galore.cross_head=head", "optim.galore.density=0",
     ],
     "GaLore+ as shipped": ["optim=galore_plus"],  # cross_head=model with sparse residuals
+    "GaLore+ residuals rebuilt": ["optim=galore_plus", "optim.galore.residual_rebuild=true"],
 }  # fmt: skip
 
 
-def quality(model: str, steps: int, workdir: Path, labels: list[str]) -> list[dict]:
+def residual_coverage(name: str, steps: int, gap: int, lr: float) -> list[dict]:
+    captured, model = attention_gradients(name, list(range(steps)), lr)
+    specs = {n: spec_of(p) for n, p in model.named_parameters()}
+    job = compose_job(f"model={name}", "optim=galore_plus")
+    options = {key: getattr(job.optim.galore, key) for key in GaLorePlusAdamW.low_rank_defaults}
+    options.update(rank=galore_rank(job.optim.galore, job.model), update_proj_gap=gap)
+    warmup, rows = options["residual_warmup"], []
+    for rebuild in (False, True):
+        phases = {"before": [], "after": []}  # the first refresh after step 0 divides them
+        for weight in captured[0]:
+            p = set_spec(torch.nn.Parameter(torch.zeros_like(captured[0][weight])), specs[weight])
+            group = {"params": [p], **options, "residual_rebuild": rebuild}
+            optimizer = GaLorePlusAdamW([group], names={p: weight})
+            proj, state = optimizer.projection_of(p), optimizer.state[p]
+            for step in range(steps):
+                grad = captured[step][weight]
+                p.grad = grad
+                optimizer.step()
+                if step < warmup:
+                    continue
+                basis = state["projector"]
+                residual = (grad - proj.back(proj.project(grad, basis), basis)).flatten()
+                held = residual[state["residual_index"]].pow(2).sum() / residual.pow(2).sum()
+                phases["before" if step < gap else "after"].append(float(held))
+        rows.append(
+            {
+                "model": name,
+                "gap": gap,
+                "residual_rebuild": rebuild,
+                **{f"held_{k}": sum(v) / max(1, len(v)) for k, v in phases.items()},
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def quality(
+    model: str, steps: int, workdir: Path, labels: list[str], extra: list[str]
+) -> list[dict]:
     rows = []
     for label in labels:
-        overrides = QUALITY[label]
+        overrides = QUALITY[label] + extra
         run_dir = workdir / f"{model}-{len(rows)}"
         command = [
             sys.executable, "-m", "skipjack.cli", "train", f"model={model}", *overrides,
@@ -177,26 +223,34 @@ def main() -> None:
     parser.add_argument("--quality-steps", type=int, default=300, help="default job (0: skip)")
     parser.add_argument("--quality-60m-steps", type=int, default=100, help="llama_60m (0: skip)")
     parser.add_argument("--runs", default=",".join(QUALITY), help="which quality runs")
+    parser.add_argument("--set", action="append", default=[], help="override for every run")
+    parser.add_argument("--coverage-steps", type=int, default=0, help="residual set (0: skip)")
+    parser.add_argument("--gap", type=int, default=40, help="refresh gap of the residual set")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    at = [int(s) for s in args.at.split(",")]
-    results = {"approximation": []}
-    for name in filter(None, args.models.split(",")):
+    at = [int(s) for s in args.at.split(",") if s]
+    models = [name for name in args.models.split(",") if name]
+    results = {"approximation": [], "quality": [], "coverage": []}
+    for name in models if at else []:
         results["approximation"] += approximation(name, at, args.lr)
-    results["quality"] = []
     with tempfile.TemporaryDirectory() as workdir:
         for model, steps in (("tiny", args.quality_steps), ("llama_60m", args.quality_60m_steps)):
             if steps:
-                results["quality"] += quality(model, steps, Path(workdir), args.runs.split(","))
+                runs = args.runs.split(",")
+                results["quality"] += quality(model, steps, Path(workdir), runs, args.set)
+    for name in models if args.coverage_steps else []:
+        results["coverage"] += residual_coverage(name, args.coverage_steps, args.gap, args.lr)
     columns = {
         "approximation": [
             "model", "step", "rank", "reading", "missed_whole", "missed_per_head", "state_mib",
         ],
         "quality": ["model", "steps", "optimizer", "val_loss", "vs_galore", "run_s"],
+        "coverage": ["model", "gap", "residual_rebuild", "held_before", "held_after"],
     }  # fmt: skip
     print()
     for part, rows in results.items():
-        print(f"## {part}\n\n{markdown(rows, columns[part], 4)}\n")
+        if rows:
+            print(f"## {part}\n\n{markdown(rows, columns[part], 4)}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -58,7 +58,7 @@ def _launch(cfg: DictConfig) -> int:
 
         return ray.run(la, run_dir, cfg)
     launcher = {TorchrunLaunch: torchrun, SlurmLaunch: slurm}[type(la)]
-    return launcher.run(la, run_dir, list(hydra.overrides.task))
+    return launcher.run(la, run_dir, list(hydra.overrides.task), job.checkpoint.memory)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -118,6 +118,28 @@ def test_default_job_is_valid():
         (["checkpoint.memory.interval=-1"], 1, "checkpoint.memory.interval", ">= 0"),
         (["checkpoint.memory.linger=0"], 1, "checkpoint.memory.linger", "> 0"),
         (
+            ["launch=ray", "checkpoint.memory.interval=1", "checkpoint.memory.agent=launcher"],
+            1,
+            "checkpoint.memory.agent",
+            "agent=trainer",
+        ),
+        (
+            [
+                "optim=galore_plus",
+                "optim.galore.residual_rebuild=true",
+                "optim.galore.update_proj_gap=10",
+            ],
+            1,
+            "optim.galore.residual_rebuild",
+            "before the next one",
+        ),
+        (
+            ["optim=galore", "optim.galore.residual_rebuild=true"],
+            1,
+            "optim.galore.residual_rebuild",
+            "galore_plus",
+        ),
+        (
             ["checkpoint.memory.interval=1", "checkpoint.memory.root=/no/such"],
             1,
             "checkpoint.memory.root",

@@ -15,7 +15,6 @@ job id, torchrun's run id), the same across restarts, or else the checkpoint dir
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -27,12 +26,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from skipjack.checkpoint.keeper import keeper_pid, request_agent
 from skipjack.checkpoint.parity import NodeGroup
 from skipjack.checkpoint.sharded import flatten
-from skipjack.checkpoint.slots import Slots, environment_job_id, local_tensor
+from skipjack.checkpoint.slots import Slots, local_tensor
 from skipjack.checkpoint.snapshot import (
     agent_port,
     ensure_agent,
+    environment_job_id,
+    job_directory,
     register_trainer,
     stop_agent,
     write_peers,
@@ -45,8 +47,7 @@ from skipjack.parallel.dims import ParallelDims
 
 def node_directory(cfg: CheckpointConfig, node: int) -> Path:
     job = environment_job_id() or str(Path(cfg.dir).expanduser().resolve())
-    key = hashlib.sha1(job.encode()).hexdigest()[:12]
-    return Path(cfg.memory.root) / f"skipjack-{key}" / f"node{node}"
+    return job_directory(Path(cfg.memory.root), job) / f"node{node}"
 
 
 class MemoryTier:
@@ -72,7 +73,16 @@ class MemoryTier:
         if m.group_size > 1:
             shape = [nodes, per_node, m.group_size, m.parity]
             self.parity = NodeGroup(self.directory.parent, self.node, *shape)
-        if first == 0:
+        if m.agent == "launcher" and keeper_pid(self.directory.parent) is None:
+            raise ConfigError(
+                "checkpoint.memory.agent",
+                f"launcher, but no skipjack launcher keeps the snapshot agents of this job on "
+                f"this machine ({self.directory.parent}); start the job with launch=torchrun or "
+                "launch=slurm, or set checkpoint.memory.agent=trainer",
+            )
+        if first == 0 and m.agent == "launcher":
+            request_agent(self.directory, shape if self.parity else None)
+        elif first == 0:
             ensure_agent(self.directory, m.linger, shape if self.parity else None)
         dist.barrier(group=group)
         register_trainer(self.directory, rank)

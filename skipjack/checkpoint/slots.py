@@ -149,12 +149,3 @@ class Slots:
 
     def _write_manifest(self, manifest: dict) -> None:
         write_text(self.manifest, json.dumps(manifest))
-
-
-def environment_job_id() -> str | None:
-    """The launcher's id of this job, the same across restarts of its ranks."""
-    for name in ("SKIPJACK_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(name)
-        if value and value != "none":
-            return value
-    return None

@@ -1,21 +1,23 @@
 """The snapshot agent: one process per node that owns the node's snapshot directory under
 /dev/shm and outlives the trainers.
 
-The node's first rank starts it (`ensure_agent`) in its own session, so that a launcher killing
-its workers' process group (torchrun does) leaves it running; it survives a crash of every
-trainer of the node and keeps their snapshots (files in /dev/shm, not
-`multiprocessing.shared_memory`, whose segments the resource tracker unlinks when their creator
-dies) for the restarted ranks. Every trainer registers its pid; the agent removes the directory
-and exits when the job ends (`stop_agent`: a `stop` file) or when no registered trainer has been
-alive for `linger` seconds (a job that crashed for good), so it leaves nothing behind either
-way.
+The node's first rank starts it (`ensure_agent`; `checkpoint.memory.agent=trainer`), or asks
+the keeper skipjack's launcher runs on the machine to (`agent=launcher`, keeper.py), in its own
+session, so that a launcher killing its workers' process group (torchrun does) leaves it
+running; it survives a crash of every trainer of the node and keeps their snapshots (files in
+/dev/shm, not `multiprocessing.shared_memory`, whose segments the resource tracker unlinks when
+their creator dies) for the restarted ranks. The agent removes the directory and exits when the
+job ends (`stop_agent`: a `stop` file), or when its owner is gone: the keeper, or else every
+registered trainer for `linger` seconds (a job that crashed for good); so it leaves nothing
+behind either way.
 
-    python -m skipjack.checkpoint.snapshot <directory> [--linger SECONDS]
+    python -m skipjack.checkpoint.snapshot <directory> [--linger SECONDS] [--owner PID]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +31,21 @@ from skipjack.atomic import replacing, write_text
 POLL = 0.05  # seconds between the agent's looks at its directory
 
 
-def _alive(pid: int) -> bool:
+def environment_job_id() -> str | None:
+    """The launcher's id of this job, the same across restarts of its ranks."""
+    for name in ("SKIPJACK_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(name)
+        if value and value != "none":
+            return value
+    return None
+
+
+def job_directory(root: Path, job: str) -> Path:
+    """Where the snapshots of job `job` live on a machine: one `node<n>` directory per node."""
+    return root / f"skipjack-{hashlib.sha1(job.encode()).hexdigest()[:12]}"
+
+
+def process_alive(pid: int) -> bool:
     try:  # the agent is the child of the trainer that started it: reap it once it exits
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
@@ -44,7 +60,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _number(path: Path) -> int | None:
+def read_int(path: Path) -> int | None:
     try:
         return int(path.read_text())
     except (FileNotFoundError, ValueError):
@@ -53,17 +69,21 @@ def _number(path: Path) -> int | None:
 
 def agent_pid(directory: Path) -> int | None:
     """The pid of `directory`'s agent if it runs."""
-    pid = _number(directory / "agent.pid")
-    return pid if pid is not None and _alive(pid) else None
+    pid = read_int(directory / "agent.pid")
+    return pid if pid is not None and process_alive(pid) else None
 
 
-def ensure_agent(directory: Path, linger: float, group: list[int] | None = None) -> int:
+def ensure_agent(
+    directory: Path, linger: float, group: list[int] | None = None, owner: int | None = None
+) -> int:
     """Start `directory`'s agent unless it runs with these settings; returns its pid. `group`:
-    (nodes, ranks per node, group size, parity) when the agent makes parity (parity.py). An
-    agent of the job's previous shape hands the directory over: it exits and leaves the
-    snapshots (a job come back in another layout restores from them), its parity goes."""
+    (nodes, ranks per node, group size, parity) when the agent makes parity (parity.py);
+    `owner`: the pid of the process the agent lives as long as (the keeper, keeper.py), instead
+    of the trainers and `linger`. An agent of the job's previous shape hands the directory
+    over: it exits and leaves the snapshots (a job come back in another layout restores from
+    them), its parity goes."""
     directory.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps({"linger": linger, "group": group})
+    settings = json.dumps({"linger": linger, "group": group, "owner": owner})
     pid = agent_pid(directory)
     if pid is not None:
         if _read(directory / "agent.json") == settings:
@@ -78,7 +98,8 @@ def ensure_agent(directory: Path, linger: float, group: list[int] | None = None)
     log = open(directory / "agent.log", "ab")  # noqa: SIM115 (the agent's own from here on)
     process = subprocess.Popen(
         [sys.executable, "-m", "skipjack.checkpoint.snapshot", str(directory), "--linger",
-         str(linger), *(["--group", *map(str, group)] if group else [])],
+         str(linger), *(["--group", *map(str, group)] if group else []),
+         *(["--owner", str(owner)] if owner else [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )  # fmt: skip
     log.close()
@@ -108,7 +129,7 @@ def stop_agent(directory: Path, timeout: float = 30.0) -> None:
 
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(POLL / 4)
 
 
@@ -119,7 +140,9 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def run_agent(directory: Path, linger: float, group: list[int] | None = None) -> None:
+def run_agent(
+    directory: Path, linger: float, group: list[int] | None = None, owner: int | None = None
+) -> None:
     (directory / "agent.pid").write_text(str(os.getpid()))
     last_seen = time.monotonic()
     parity, state, server = None, {}, None
@@ -146,8 +169,10 @@ def run_agent(directory: Path, linger: float, group: list[int] | None = None) ->
                 parity.advance(state)
             except Exception as error:  # a peer's files mid-write, a node gone: next look
                 print(f"snapshot agent: {type(error).__name__}: {error}", flush=True)
-        pids = [_number(p) for p in (directory / "trainers").glob("*.pid")]
-        if any(pid is not None and _alive(pid) for pid in pids):
+        if owner is not None:
+            if not process_alive(owner):
+                break
+        elif any(process_alive(pid) for pid in _trainers(directory)):
             last_seen = time.monotonic()
         elif time.monotonic() - last_seen > linger:
             break
@@ -158,6 +183,11 @@ def run_agent(directory: Path, linger: float, group: list[int] | None = None) ->
     parent = directory.parent  # the job's: gone with its last node of this machine
     if parent.name.startswith("skipjack-") and not any(parent.glob("node*")):
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def _trainers(directory: Path) -> list[int]:
+    pids = (read_int(p) for p in (directory / "trainers").glob("*.pid"))
+    return [pid for pid in pids if pid is not None]
 
 
 class Peers:
@@ -193,7 +223,7 @@ def write_peers(directory: Path, peers: dict) -> None:
 def agent_port(directory: Path, timeout: float = 60.0) -> int:
     """The port `directory`'s agent serves its peers on, once it does."""
     deadline = time.monotonic() + timeout
-    while (port := _number(directory / "agent.port")) is None:
+    while (port := read_int(directory / "agent.port")) is None:
         if agent_pid(directory) is None or time.monotonic() > deadline:
             raise RuntimeError(f"the snapshot agent of {directory} serves no port; see agent.log")
         time.sleep(0.01)
@@ -205,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--linger", type=float, default=300.0)
     parser.add_argument("--group", type=int, nargs=4, metavar=("NODES", "PER_NODE", "SIZE", "M"))
+    parser.add_argument("--owner", type=int, help="live as long as this process (the keeper)")
     args = parser.parse_args(argv)
-    run_agent(args.directory, args.linger, args.group)
+    run_agent(args.directory, args.linger, args.group, args.owner)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ before any work starts: it derives what the job leaves to skipjack (`derive_micr
 bad value costs seconds, not a queued job.
 """
 
-from skipjack.config.checkpoint import CheckpointConfig
+from skipjack.config.checkpoint import CheckpointConfig, MemoryConfig
 from skipjack.config.data import DataConfig, DataKind, PreprocessConfig, parse_blend, validate_data
 from skipjack.config.errors import ConfigError
 from skipjack.config.job import (
@@ -48,6 +48,7 @@ from skipjack.config.train import Device, Dtype, TrainConfig
 
 __all__ = [
     "CheckpointConfig",
+    "MemoryConfig",
     "ConfigError",
     "DataConfig",
     "DataKind",

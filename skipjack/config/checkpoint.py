@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skipjack.config.choice import Choice
 from skipjack.config.errors import ConfigError, positive
+
+Agent = Choice("Agent", "trainer launcher")  # who starts a node's snapshot agent
 
 
 @dataclass
@@ -15,7 +18,9 @@ class MemoryConfig:
     ranks of a machine); `group_size` nodes (1: none) share parity so that any `parity` of them
     can be lost; `linger`: seconds the agent keeps the snapshots once no trainer of its node runs
     (after a crash the job has that long to restart); `root`: where the snapshot files live (a
-    tmpfs)."""
+    tmpfs); `agent`: who starts a node's agent, `trainer` (its first rank; the agent outlives
+    the trainers by `linger`) or `launcher` (the keeper skipjack's launcher runs on every
+    machine, launch=torchrun or slurm; the agents live as long as the launcher)."""
 
     interval: int = 0
     ranks_per_node: int = 0
@@ -23,6 +28,7 @@ class MemoryConfig:
     parity: int = 1
     linger: float = 300.0
     root: str = "/dev/shm"
+    agent: Agent = Agent.trainer
 
 
 @dataclass

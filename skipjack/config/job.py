@@ -13,7 +13,7 @@ from skipjack.config.data import DataConfig, PreprocessConfig, validate_data
 from skipjack.config.errors import ConfigError, positive
 from skipjack.config.evaluate import EvalConfig, validate_eval
 from skipjack.config.generate import GenerateConfig
-from skipjack.config.launch import LAUNCHERS, LaunchConfig, validate_launch
+from skipjack.config.launch import LAUNCHERS, LaunchConfig, RayLaunch, validate_launch
 from skipjack.config.logs import LoggingConfig, validate_logging
 from skipjack.config.model import ModelConfig, validate_model, validate_tensor_parallel
 from skipjack.config.optim import OptimConfig, validate_optim
@@ -93,6 +93,13 @@ def validate(cfg: TrainJobConfig, world_size: int) -> None:
     validate_checkpoint(cfg.checkpoint)
     validate_logging(cfg.logging)
     validate_launch(cfg.launch)
+    memory = cfg.checkpoint.memory
+    if memory.interval and memory.agent == "launcher" and isinstance(cfg.launch, RayLaunch):
+        raise ConfigError(
+            "checkpoint.memory.agent",
+            "launch=ray runs no skipjack process on each machine to keep the snapshot agents; "
+            "use checkpoint.memory.agent=trainer (or launch=torchrun / slurm)",
+        )
     if t.engine == "deepspeed":
         validate_deepspeed(cfg)
 

@@ -32,11 +32,13 @@ class GaLoreConfig:
     oversample: int = 8
     power_iters: int = 1
     # GaLore+ only: heads drawn for a shared attention basis (0: off) and its side; sparse
-    # residuals on the `density` fraction of entries, chosen over `residual_warmup` steps
+    # residuals on the `density` fraction of entries, chosen over `residual_warmup` steps (and
+    # chosen again over the `residual_warmup` steps after each refresh with `residual_rebuild`)
     heads: int = 0
     cross_head: CrossHead = CrossHead.model
     density: float = 0.0
     residual_warmup: int = 0
+    residual_rebuild: bool = False
 
 
 @dataclass
@@ -80,8 +82,16 @@ def _validate_galore(g: GaLoreConfig, plus: bool) -> None:
             raise ConfigError(f"optim.galore.{name}", f"must be >= 0, got {getattr(g, name)}")
     if not 0.0 <= g.density <= 1.0:
         raise ConfigError("optim.galore.density", f"must be in [0, 1], got {g.density}")
-    if not plus and (g.heads or g.density):
+    plus_only = [name for name in ("heads", "density", "residual_rebuild") if getattr(g, name)]
+    if not plus and plus_only:
         raise ConfigError(
-            "optim.galore.heads" if g.heads else "optim.galore.density",
+            f"optim.galore.{plus_only[0]}",
             "cross-head projection and sparse residuals are GaLore+; use optim=galore_plus",
+        )
+    if g.residual_rebuild and g.residual_warmup >= g.update_proj_gap:
+        raise ConfigError(
+            "optim.galore.residual_rebuild",
+            f"re-choosing the residual entries takes residual_warmup={g.residual_warmup} steps "
+            f"after each refresh, which must end before the next one (update_proj_gap="
+            f"{g.update_proj_gap}); lower residual_warmup or turn residual_rebuild off",
         )

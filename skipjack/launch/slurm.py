@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from skipjack.atomic import write_text
-from skipjack.config import SlurmLaunch
+from skipjack.config import MemoryConfig, SlurmLaunch
 from skipjack.launch.env import SLURM_PORT_BASE
-from skipjack.launch.torchrun import child_overrides
+from skipjack.launch.torchrun import REJOIN, child_overrides, under_keeper
 
 
 def batch_script(launch: SlurmLaunch, run_dir: Path) -> str:
@@ -54,13 +54,19 @@ srun --kill-on-bad-exit=1 bash {shlex.quote(str(run_dir / "node.sh"))}
     )
 
 
-def node_script(launch: SlurmLaunch, run_dir: Path, overrides: list[str]) -> str:
-    """What each node's task runs: torchrun with a c10d rendezvous on the first node."""
+def node_script(
+    launch: SlurmLaunch, run_dir: Path, overrides: list[str], memory: MemoryConfig
+) -> str:
+    """What each node's task runs: torchrun with a c10d rendezvous on the first node (under
+    the agent keeper when the launcher keeps the snapshot agents)."""
     train = [sys.executable, "-m", "skipjack.cli", "train", *child_overrides(overrides, run_dir)]
     logs = shlex.quote(str(run_dir / "logs"))
+    torchrun = shlex.join(under_keeper(memory, [sys.executable, "-m", "torch.distributed.run"]))
+    name, value = REJOIN
+    rejoin = f'export {name}="${{{name}:-{value}}}"\n' if launch.max_restarts else ""
     return f"""#!/bin/bash
 set -euo pipefail
-exec {shlex.quote(sys.executable)} -m torch.distributed.run \\
+{rejoin}exec {torchrun} \\
     --nnodes="$SLURM_NNODES" --nproc-per-node={launch.nproc_per_node} \\
     --rdzv-backend=c10d \\
     --rdzv-endpoint="$SKIPJACK_HEAD:$(({SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_BASE}))" \\
@@ -70,9 +76,9 @@ exec {shlex.quote(sys.executable)} -m torch.distributed.run \\
 """
 
 
-def run(launch: SlurmLaunch, run_dir: Path, overrides: list[str]) -> int:
+def run(launch: SlurmLaunch, run_dir: Path, overrides: list[str], memory: MemoryConfig) -> int:
     script = run_dir / "job.sbatch"
-    write_text(run_dir / "node.sh", node_script(launch, run_dir, overrides))
+    write_text(run_dir / "node.sh", node_script(launch, run_dir, overrides, memory))
     write_text(script, batch_script(launch, run_dir))
     if not launch.submit:
         print(f"skipjack: wrote {script}; submit it with: sbatch {script}")

@@ -293,7 +293,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def planned_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds once every parameter has stepped: for a
         GaLore matrix 4 * (m*r + 2*n*r) (the basis along the projected side m, two r-sized
-        moments) plus two step counters; GaLore+ adds 64 bytes per sparse residual entry."""
+        moments) plus two step counters; GaLore+ adds 68 bytes per sparse residual entry."""
         return sum(
             math.prod(shape) * dtype.itemsize
             for group in self.param_groups

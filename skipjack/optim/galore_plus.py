@@ -43,7 +43,6 @@ from skipjack.optim.galore import (
     LOW_RANK_DEFAULTS,
     GaLoreAdamW,
     Projection,
-    adam_direction,
     group_subspace,
 )
 from skipjack.parallel.shard_spec import ShardSpec
@@ -51,7 +50,10 @@ from skipjack.parallel.shard_spec import ShardSpec
 _SCHEMA = GaLoreConfig()
 GALORE_PLUS_DEFAULTS = {
     **LOW_RANK_DEFAULTS,
-    **{key: getattr(_SCHEMA, key) for key in ("heads", "cross_head", "density", "residual_warmup")},
+    **{
+        key: getattr(_SCHEMA, key)
+        for key in ("heads", "cross_head", "density", "residual_warmup", "residual_rebuild")
+    },
 }
 CANDIDATES = 4  # residual candidates carried through the warm-up, per entry kept
 
@@ -170,7 +172,7 @@ class GaLorePlusAdamW(GaLoreAdamW):
                 residual_index=((k,), torch.int64),
                 residual_avg=((k,), torch.float32),
                 residual_avg_sq=((k,), torch.float32),
-                residual_step=((), torch.float32),
+                residual_step=((k,), torch.float32),
                 candidate_index=((c,), torch.int64),
                 candidate_mass=((c,), torch.float32),
             )
@@ -181,38 +183,51 @@ class GaLorePlusAdamW(GaLoreAdamW):
             return update
         step, warmup = int(state["step"]), group["residual_warmup"]
         proj, basis, index = self._projections[p], state["projector"], state["residual_index"]
-        if step <= warmup:
-            self._gather_candidates(proj, grad - proj.back(low, basis), state, first=step == 0)
-            if step < warmup:
+        start = step - step % group["update_proj_gap"] if group["residual_rebuild"] else 0
+        if step <= start + warmup:  # choosing (again): the old set stays in use meanwhile
+            residual = grad - proj.back(low, basis)
+            self._gather_candidates(proj, residual, state, first=step == start)
+            if step == start + warmup:
+                self._fix_entries(proj, low, group, state, first=start == 0)
+            elif start == 0:
                 return update
-            mass = state["candidate_mass"]
-            best = mass.topk(index.numel()).indices
-            index.copy_(state["candidate_index"][best].sort().values)
         mine, rows, cols = _local_entries(index, proj.spec)
-        (beta1, beta2), age = group["betas"], state["residual_step"]
-        avg, avg_sq = state["residual_avg"], state["residual_avg_sq"]
-        if step == warmup:  # start from what the low-rank moments held before this step
-            done = int(state["moment_step"]) - 1
-            seeds = torch.zeros(2, index.numel(), device=grad.device)
-            if done:  # undo this step's fold (a beta of 0 keeps no history: nothing to seed)
-                if beta1 > 0:
-                    before = (state["exp_avg"] - (1 - beta1) * low) / beta1
-                    seeds[0, mine] = proj.back_at(before, basis, rows, cols)
-                if beta2 > 0:
-                    before_sq = (state["exp_avg_sq"] - (1 - beta2) * low * low) / beta2
-                    squared = basis * basis
-                    seeds[1, mine] = proj.back_at(before_sq.clamp_(min=0), squared, rows, cols)
-                self._sum_over_shards(seeds, proj)
-            avg.copy_(seeds[0])
-            avg_sq.copy_(seeds[1])
-            age.fill_(done)
         values = torch.zeros(index.numel(), device=grad.device)
         values[mine] = grad[rows, cols]
         self._sum_over_shards(values, proj)
-        age += 1
-        direction = adam_direction(values, avg, avg_sq, int(age), group["betas"], group["eps"])
+        age = state["residual_step"].add_(1)
+        avg, avg_sq = state["residual_avg"], state["residual_avg_sq"]
+        direction = _entry_direction(values, avg, avg_sq, age, group["betas"], group["eps"])
         update.index_put_((rows, cols), direction[mine].mul_(group["scale"]))
         return update
+
+    def _fix_entries(self, proj: Projection, low, group: dict, state: dict, first: bool) -> None:
+        """Make the k candidates of largest mass the set. An entry new to it starts its moments
+        from what the low-rank moments held there before this step; one it keeps goes on with
+        its own."""
+        index, basis = state["residual_index"], state["projector"]
+        chosen = state["candidate_index"][state["candidate_mass"].topk(index.numel()).indices]
+        chosen = chosen.sort().values
+        keeps = torch.isin(index, chosen) if not first else torch.zeros_like(index, dtype=bool)
+        kept = torch.isin(chosen, index[keeps])
+        (beta1, beta2), done = group["betas"], int(state["moment_step"]) - 1
+        seeds = torch.zeros(3, index.numel(), device=index.device)
+        seeds[2] = done
+        mine, rows, cols = _local_entries(chosen, proj.spec)
+        if done:  # undo this step's fold (a beta of 0 keeps no history: nothing to seed)
+            if beta1 > 0:
+                before = (state["exp_avg"] - (1 - beta1) * low) / beta1
+                seeds[0, mine] = proj.back_at(before, basis, rows, cols)
+            if beta2 > 0:
+                before_sq = (state["exp_avg_sq"] - (1 - beta2) * low * low) / beta2
+                squared = basis * basis
+                seeds[1, mine] = proj.back_at(before_sq.clamp_(min=0), squared, rows, cols)
+            self._sum_over_shards(seeds[:2], proj)
+        moments = ("residual_avg", "residual_avg_sq", "residual_step")
+        for row, key in enumerate(moments):  # kept entries, in order, take their own values
+            seeds[row, kept] = state[key][keeps]
+            state[key].copy_(seeds[row])
+        index.copy_(chosen)
 
     def _gather_candidates(self, proj: Projection, residual, state: dict, first: bool) -> None:
         """Add this step's residual magnitude to the candidates' and let the step's largest
@@ -245,6 +260,17 @@ class GaLorePlusAdamW(GaLoreAdamW):
         sum over the shard group gives every rank all of them."""
         if proj.spec.sharded:
             dist.all_reduce(values, group=self._groups[proj.spec.group])
+
+
+def _entry_direction(values, avg, avg_sq, age, betas, eps) -> torch.Tensor:
+    """`adam_direction` with a step count per entry (`age`, float)."""
+    beta1, beta2 = betas
+    avg.lerp_(values, 1 - beta1)
+    avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
+    age = age.double()
+    correction2 = (1 - beta2**age).sqrt().float()
+    denom = (avg_sq.sqrt() / correction2).add_(eps)
+    return avg.div(denom).mul_((1 / (1 - beta1**age)).float())
 
 
 def _local_entries(index: torch.Tensor, spec: ShardSpec):

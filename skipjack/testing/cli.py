@@ -30,11 +30,15 @@ def compose_job(*overrides: str) -> TrainJobConfig:
 
 
 def run_skipjack(
-    *args: str, cwd: Path, timeout: float = 600, check: bool = True
+    *args: str,
+    cwd: Path,
+    timeout: float = 600,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`skipjack <args>` in `cwd`; with `check`, asserts it exits 0, showing the end of its
-    output if not."""
-    return _run([BIN / "skipjack", *args], cwd, timeout, check=check)
+    """`skipjack <args>` in `cwd` (with `env` added to the environment); with `check`, asserts
+    it exits 0, showing the end of its output if not."""
+    return _run([BIN / "skipjack", *args], cwd, timeout, env, check)
 
 
 def run_under_torchrun(

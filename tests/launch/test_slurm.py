@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from skipjack.checkpoint.marker import complete_checkpoints, verify
-from skipjack.config import SlurmLaunch
+from skipjack.checkpoint.snapshot import job_directory
+from skipjack.config import MemoryConfig, SlurmLaunch
 from skipjack.launch.slurm import batch_script, node_script
 from skipjack.testing.cli import run_skipjack
 from skipjack.trainer.metrics import read_metrics
@@ -53,11 +54,15 @@ def test_batch_script_asks_for_resources_and_runs_torchrun_once_per_node(tmp_pat
     ):
         assert line in script.splitlines()
     assert f"srun --kill-on-bad-exit=1 bash {tmp_path / 'node.sh'}" in script
-    node = node_script(launch, tmp_path, ["launch=slurm", "launch.nodes=2", "model=llama_1b"])
+    overrides = ["launch=slurm", "launch.nodes=2", "model=llama_1b"]
+    node = node_script(launch, tmp_path, overrides, MemoryConfig())
     assert '--nnodes="$SLURM_NNODES" --nproc-per-node=8' in node
     assert "--rdzv-backend=c10d" in node and '--rdzv-id="$SLURM_JOB_ID"' in node
     assert node.rstrip().endswith(f"train model=llama_1b launch=local hydra.run.dir={tmp_path}")
     subprocess.run(["bash", "-n"], input=script + node, text=True, check=True)  # valid shell
+    kept = node_script(launch, tmp_path, overrides, MemoryConfig(interval=1, agent="launcher"))
+    assert "-m skipjack.checkpoint.keeper --root=/dev/shm -- " in kept  # the machine's agents
+    assert kept.split("-- ", 1)[1].startswith(f"{sys.executable} -m torch.distributed.run")
 
 
 SLURM_CONF = """\
@@ -145,6 +150,8 @@ def test_launch_slurm_runs_a_job_on_a_real_cluster(slurm_cluster, tmp_path):
         "train.micro_batch_size=4",
         "logging.plot=false",
         "hydra.run.dir=run",
+        # snapshots every 2 steps, their agent kept by the keeper node.sh runs torchrun under
+        *("checkpoint.memory.interval=2", "checkpoint.memory.agent=launcher"),
         cwd=tmp_path,
         timeout=300,
     )
@@ -157,6 +164,7 @@ def test_launch_slurm_runs_a_job_on_a_real_cluster(slurm_cluster, tmp_path):
     assert sum("loss" in r for r in read_metrics(run_dir)) == 6
     ranks = sorted(p.parent.name for p in (run_dir / "logs").rglob("stdout.log"))
     assert ranks == ["0", "1"]
+    assert not job_directory(Path("/dev/shm"), job).exists()  # the keeper took it away
 
 
 @pytest.mark.slow

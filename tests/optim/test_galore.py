@@ -142,13 +142,16 @@ def test_plain_groups_are_adamw_and_decay_is_decoupled():
     torch.testing.assert_close(p.detach(), w0 * (1 - 1e-2 * 0.1) ** 3)
 
 
+@pytest.mark.parametrize("rebuild", [False, True], ids=["fixed", "rebuilt"])
 @pytest.mark.parametrize("rank", [0, 10], ids=["no-low-rank-part", "full-rank"])
-def test_sparse_residual_with_full_density_is_dense_adam(rank):
+def test_sparse_residual_with_full_density_is_dense_adam(rank, rebuild):
     """Every entry corrected: Adam's moments of the whole gradient, through basis changes (the
-    refresh every 3 steps moves the low-rank moment's value into the residual moment)."""
+    refresh every 3 steps moves the low-rank moment's value into the residual moment; a rebuilt
+    set keeps every entry and its moments)."""
     grads, w0 = _grads((12, 10)), torch.randn(12, 10)
     ours, theirs = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
     options = dict(rank=rank, density=1.0, residual_warmup=0, scale=1.0)
+    options.update(residual_rebuild=rebuild)
     got = _run(_galore(ours, **options), ours, grads)
     want = _run(torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1), theirs, grads)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -190,6 +193,37 @@ def test_residual_entries_are_the_largest_accumulated_misses_and_stay_fixed():
     assert torch.equal(state["residual_index"], chosen)
 
 
+def test_rebuilt_residual_set_follows_each_refresh_and_keeps_what_stays():
+    """With residual_rebuild, the set is chosen again from the residual magnitude summed over
+    the warm-up steps after each refresh (under the new basis); an entry that stays keeps its
+    moments and step count, a new one starts from the low-rank moments (reset at the refresh
+    here, so the two counts differ)."""
+    gap, warmup, shape = 6, 2, (16, 12)
+    p = torch.nn.Parameter(torch.zeros(shape))
+    options = dict(density=0.25, residual_warmup=warmup, update_proj_gap=gap, moments="reset")
+    optimizer = _galore(p, residual_rebuild=True, **options)
+    grads = _low_rank_gradients(shape, steps=gap + warmup + 1, seed=3)
+    _run(optimizer, p, grads[: gap + warmup])  # the first set, used up to the new one's step
+    state = optimizer.state[p]
+    before = {
+        key: state[key].clone() for key in ("residual_index", "residual_avg", "residual_step")
+    }
+    assert torch.all(before["residual_step"] == gap + warmup)  # 2 seeded at step 2, 6 steps
+    _run(optimizer, p, grads[gap + warmup :])  # step 8 = gap + warm-up: the set is re-chosen
+    basis = state["projector"]  # chosen at step 6 from grads[6]
+    missed = sum((g - g @ basis @ basis.T).abs() for g in grads[gap:]).flatten()
+    k = math.ceil(0.25 * p.numel())
+    index = state["residual_index"]
+    assert torch.equal(index, missed.topk(k).indices.sort().values)
+    stays = torch.isin(index, before["residual_index"])
+    assert 0 < int(stays.sum()) < k
+    old_at = torch.isin(before["residual_index"], index)
+    assert torch.all(state["residual_step"][stays] == before["residual_step"][old_at] + 1)
+    assert torch.all(state["residual_step"][~stays] == warmup + 1)  # low-rank steps 6, 7 + this
+    avg = before["residual_avg"][old_at] * 0.9 + 0.1 * grads[-1].flatten()[index[stays]]
+    torch.testing.assert_close(state["residual_avg"][stays], avg)
+
+
 def test_corrected_moments_are_closer_to_adam_than_galore_on_the_entries():
     """On a fixed gradient sequence: Adam's bias-corrected moments on the chosen entries, against
     what GaLore holds there (its first moment projected back; its second moment through the
@@ -207,8 +241,8 @@ def test_corrected_moments_are_closer_to_adam_than_galore_on_the_entries():
     basis, moment_step = state["projector"], int(state["moment_step"])  # right: 16 x 3
     galore_m = state["exp_avg"] @ basis.T / (1 - beta1**moment_step)
     galore_v = state["exp_avg_sq"] @ (basis * basis).T / (1 - beta2**moment_step)
-    index, age = state["residual_index"], int(state["residual_step"])
-    assert age == steps  # started at step 4 from the low-rank moments of steps 0-3
+    index, age = state["residual_index"], state["residual_step"]
+    assert torch.all(age == steps)  # started at step 4 from the low-rank moments of steps 0-3
     ours_m = state["residual_avg"] / (1 - beta1**age)
     ours_v = state["residual_avg_sq"] / (1 - beta2**age)
     for adam, galore, ours in ((m, galore_m, ours_m), (v, galore_v, ours_v)):
@@ -421,6 +455,7 @@ OPTIMS = {
             moments="rotate",
             density=0.05,
             residual_warmup=1,
+            residual_rebuild=True,  # re-chosen after each refresh: at steps 1, 3
         ),
     ),
     "galore_plus-cross_head-rsi": OptimConfig(
