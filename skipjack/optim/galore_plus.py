@@ -26,7 +26,11 @@ each choice, are in docs/optimizers.md.
   weights: the same history in numerator and denominator), then follow the gradient entry by
   entry: the low-rank moments' part and the residual's are one moment, counted once. Under
   tensor parallelism the entries are global: each rank fills its own and one all-reduce of k
-  values per step gives every rank the same k moments.
+  values per step gives every rank the same k moments. With `residual_rebuild` the set is
+  chosen again over the `residual_warmup` steps after each refresh (the old set in use
+  meanwhile); an entry that stays keeps its moments and step count (so counts are per entry),
+  a new one is seeded as above. It holds more of the residual but measured no better loss
+  (docs/optimizers.md), so it is off by default.
 """
 
 from __future__ import annotations
