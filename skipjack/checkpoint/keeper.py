@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,10 +83,12 @@ def serve(job: Path) -> None:
 
 def keep(job: Path, command: list[str]) -> int:
     """Run `command`, serving its agents meanwhile; then stop them and remove `job`. Returns
-    the command's exit status."""
+    the command's exit status (128 + the signal that ended it)."""
     job.mkdir(parents=True, exist_ok=True)
     write_text(job / "keeper.pid", str(os.getpid()))
     child = subprocess.Popen(command)
+    # SIGTERM (scancel, kill): hand it to the command (torchrun ends its workers), then clean up
+    signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
     try:
         while child.poll() is None:
             serve(job)
@@ -96,7 +99,8 @@ def keep(job: Path, command: list[str]) -> int:
         for directory in job.glob("node*"):
             stop_agent(directory)
         shutil.rmtree(job, ignore_errors=True)
-    return child.returncode
+    code = child.returncode
+    return code if code >= 0 else 128 - code  # a signal's death as a shell reports it
 
 
 def main(argv: list[str] | None = None) -> None:

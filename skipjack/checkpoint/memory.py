@@ -4,13 +4,15 @@ crash of the trainers, and restored from there in seconds (REFT, arXiv 2310.1267
 
 A rank's snapshot is its own state as the persistent tier would save it (the same parts and
 keys, its own shards), in two slots (slots.py): a crash in the middle of a snapshot leaves the
-previous one whole. The copy runs in a background thread while the next step's forward and
-backward run (they change no parameter); the step waits for it only before its optimizer
-update. Tensors on a GPU are first copied into pinned host buffers on a side stream
-(`HostStaging`). A restore takes the newest step every rank holds. A node is the ranks of one
-machine (LOCAL_WORLD_SIZE of them, or `checkpoint.memory.ranks_per_node`), with one agent and
-one directory, `/dev/shm/skipjack-<job>/node<n>`; the job is the launcher's id of it (SLURM's
-job id, torchrun's run id), the same across restarts, or else the checkpoint directory.
+previous one whole. Tensors on a GPU are copied into pinned host buffers on a side stream
+(`HostStaging`) and written into the slot by a background thread while the next step's
+forward and backward run (they change no parameter); the step waits for it only before its
+optimizer update. Tensors on the host are written at once: there the step computes on the
+cores a background copy would take. A restore takes the newest step every rank holds. A node
+is the ranks of one machine (LOCAL_WORLD_SIZE of them, or `checkpoint.memory.ranks_per_node`),
+with one agent and one directory, `/dev/shm/skipjack-<job>/node<n>`; the job is the
+launcher's id of it (SLURM's job id, torchrun's run id), the same across restarts, or else the
+checkpoint directory.
 """
 
 from __future__ import annotations
@@ -127,10 +129,16 @@ class MemoryTier:
         return self.cfg.memory.interval > 0 and step % self.cfg.memory.interval == 0
 
     def save(self, step: int, state: State) -> None:
-        """Start copying this rank's state into its free slot (at most one copy in flight)."""
+        """Copy this rank's state into its free slot: GPU tensors in the background (staged
+        into host buffers on a side stream, then written while the next step computes; at most
+        one copy in flight), host tensors now: the step's compute runs on the same cores, and a
+        copy beside it slowed the step more than the copy takes (docs/BENCHMARKS.md)."""
         self.wait()
         flat = self._staging.stage(flat_state(state))
-        self._writing = self._writer.submit(self._write, step, flat)
+        if self._staging.staged:
+            self._writing = self._writer.submit(self._write, step, flat)
+        else:
+            self.slots.write(step, flat)
 
     def _write(self, step: int, flat: dict) -> None:
         self._staging.synchronize()
@@ -299,10 +307,12 @@ class HostStaging:
         self.buffers: dict[str, torch.Tensor] = {}
         self.stream = None
         self.done = None
+        self.staged = False  # whether the last snapshot had GPU tensors to stage
 
     def stage(self, flat: dict) -> dict:
         local = {k: local_tensor(v) for k, v in flat.items()}
         gpu = {k: v for k, v in local.items() if v is not None and v.is_cuda}
+        self.staged = bool(gpu)
         if not gpu:
             return flat
         staged = dict(flat)
