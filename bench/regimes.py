@@ -61,8 +61,8 @@ def plot(parts: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(parts), figsize=(12, 4.5), dpi=120)
-    for ax, (part, rows) in zip(axes, parts.items(), strict=True):
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), dpi=120, squeeze=False)
+    for ax, (part, rows) in zip(axes[0], parts.items(), strict=True):
         for row in rows:
             flops, losses = zip(*row["curve"], strict=True)
             ax.plot([f / 1e12 for f in flops], losses, "o-", label=row["run"], linewidth=1.4)
@@ -79,7 +79,7 @@ def plot(parts: dict[str, list[dict]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--continued", type=int, default=150)
+    parser.add_argument("--continued", type=int, default=150, help="0: no continual part")
     parser.add_argument("--est", action="append", default=None, help="k=v,... of regime.est")
     parser.add_argument("--sat", action="append", default=None, help="k=v;... of regime.sat")
     parser.add_argument("--json", type=Path)
@@ -98,13 +98,15 @@ def main() -> None:
         base = runs / "full" / "checkpoints" / f"step-{args.steps:07d}"
         start = [f"model.init_from={base}", "train.seed=4321"]
         continued = parts["continual pre-training"]
-        continued.append(summary("full", train(runs / "cont", args.continued, start)))
-        for i, setting in enumerate(args.sat or [""]):
+        if args.continued:
+            continued.append(summary("full", train(runs / "cont", args.continued, start)))
+        for i, setting in enumerate(args.sat or [""] if args.continued else []):
             overrides = ["regime=sat"] + [f"regime.sat.{kv}" for kv in setting.split(";") if kv]
             name = f"SAT {setting}" if setting else "SAT (defaults)"
             continued.append(
                 summary(name, train(runs / f"sat{i}", args.continued, start + overrides))
             )
+    parts = {part: rows for part, rows in parts.items() if rows}
     for part, rows in parts.items():
         full = rows[0]
         print(f"\n{part}")
