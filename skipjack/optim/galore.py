@@ -120,18 +120,22 @@ def adam_moments(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     betas: tuple[float, float],
     eps: float,
-) -> tuple[torch.Tensor, float]:
-    """Fold `grad` into Adam's moments (in place) for step `step` (1-based); return the
-    denominator sqrt(v_hat) + eps and 1 / (1 - beta1^step): the direction is
-    exp_avg / denominator times that factor, torch's AdamW arithmetic."""
+) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """Fold `grad` into Adam's moments (in place) for step `step` (1-based; or a float tensor
+    of one count per entry); return the denominator sqrt(v_hat) + eps and 1 / (1 - beta1^step):
+    the direction is exp_avg / denominator times that factor, torch's AdamW arithmetic."""
     beta1, beta2 = betas
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-    return denom, 1 / (1 - beta1**step)
+    if torch.is_tensor(step):  # the corrections in double, as Python's floats are
+        step = step.double()
+        root, factor = (1 - beta2**step).sqrt().float(), (1 / (1 - beta1**step)).float()
+    else:
+        root, factor = math.sqrt(1 - beta2**step), 1 / (1 - beta1**step)
+    return (exp_avg_sq.sqrt() / root).add_(eps), factor
 
 
 def adam_direction(grad, exp_avg, exp_avg_sq, step, betas, eps) -> torch.Tensor:

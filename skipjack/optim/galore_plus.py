@@ -47,6 +47,7 @@ from skipjack.optim.galore import (
     LOW_RANK_DEFAULTS,
     GaLoreAdamW,
     Projection,
+    adam_direction,
     group_subspace,
 )
 from skipjack.parallel.shard_spec import ShardSpec
@@ -201,7 +202,7 @@ class GaLorePlusAdamW(GaLoreAdamW):
         self._sum_over_shards(values, proj)
         age = state["residual_step"].add_(1)
         avg, avg_sq = state["residual_avg"], state["residual_avg_sq"]
-        direction = _entry_direction(values, avg, avg_sq, age, group["betas"], group["eps"])
+        direction = adam_direction(values, avg, avg_sq, age, group["betas"], group["eps"])
         update.index_put_((rows, cols), direction[mine].mul_(group["scale"]))
         return update
 
@@ -264,17 +265,6 @@ class GaLorePlusAdamW(GaLoreAdamW):
         sum over the shard group gives every rank all of them."""
         if proj.spec.sharded:
             dist.all_reduce(values, group=self._groups[proj.spec.group])
-
-
-def _entry_direction(values, avg, avg_sq, age, betas, eps) -> torch.Tensor:
-    """`adam_direction` with a step count per entry (`age`, float)."""
-    beta1, beta2 = betas
-    avg.lerp_(values, 1 - beta1)
-    avg_sq.mul_(beta2).addcmul_(values, values, value=1 - beta2)
-    age = age.double()
-    correction2 = (1 - beta2**age).sqrt().float()
-    denom = (avg_sq.sqrt() / correction2).add_(eps)
-    return avg.div(denom).mul_((1 / (1 - beta1**age)).float())
 
 
 def _local_entries(index: torch.Tensor, spec: ShardSpec):
