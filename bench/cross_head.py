@@ -41,7 +41,7 @@ from skipjack.config import OptimConfig
 from skipjack.data.indexed import sample_batch
 from skipjack.data.source import build_datasets
 from skipjack.models.llama import Llama
-from skipjack.optim.builder import galore_rank
+from skipjack.optim.builder import galore_rank, low_rank_options
 from skipjack.optim.galore import GaLoreAdamW
 from skipjack.optim.galore_plus import GaLorePlusAdamW
 from skipjack.parallel.shard_spec import set_spec, spec_of
@@ -150,8 +150,7 @@ def residual_coverage(name: str, steps: int, gap: int, lr: float) -> list[dict]:
     captured, model = attention_gradients(name, list(range(steps)), lr)
     specs = {n: spec_of(p) for n, p in model.named_parameters()}
     job = compose_job(f"model={name}", "optim=galore_plus")
-    options = {key: getattr(job.optim.galore, key) for key in GaLorePlusAdamW.low_rank_defaults}
-    options.update(rank=galore_rank(job.optim.galore, job.model), update_proj_gap=gap)
+    options = {**low_rank_options(job.optim, job.model), "update_proj_gap": gap}
     warmup, rows = options["residual_warmup"], []
     for rebuild in (False, True):
         phases = {"before": [], "after": []}  # the first refresh after step 0 divides them

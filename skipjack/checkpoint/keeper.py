@@ -41,6 +41,7 @@ from skipjack.checkpoint.snapshot import (
 )
 
 WANT = "agent.want"  # a node's request for its agent: the agent's group settings, as JSON
+REFUSED = "agent.want.error"  # why the keeper could not start it
 
 
 def keeper_pid(job: Path) -> int | None:
@@ -55,11 +56,11 @@ def request_agent(directory: Path, group: list[int] | None, timeout: float = 60.
     runs."""
     job = directory.parent
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{WANT}.error").unlink(missing_ok=True)
+    (directory / REFUSED).unlink(missing_ok=True)
     write_text(directory / WANT, json.dumps(group))
     deadline = time.monotonic() + timeout
     while (directory / WANT).exists() or agent_pid(directory) is None:
-        error = directory / f"{WANT}.error"
+        error = directory / REFUSED
         if error.exists():
             raise RuntimeError(f"the keeper could not start the agent of {directory}: "
                                f"{error.read_text()}")  # fmt: skip
@@ -77,7 +78,7 @@ def serve(job: Path) -> None:
             group = json.loads(want.read_text())
             ensure_agent(directory, linger=0.0, group=group, owner=os.getpid())
         except (OSError, ValueError, RuntimeError) as error:
-            write_text(directory / f"{WANT}.error", f"{type(error).__name__}: {error}")
+            write_text(directory / REFUSED, f"{type(error).__name__}: {error}")
         want.unlink(missing_ok=True)
 
 

@@ -75,17 +75,19 @@ class MemoryTier:
         if m.group_size > 1:
             shape = [nodes, per_node, m.group_size, m.parity]
             self.parity = NodeGroup(self.directory.parent, self.node, *shape)
-        if m.agent == "launcher" and keeper_pid(self.directory.parent) is None:
-            raise ConfigError(
-                "checkpoint.memory.agent",
-                f"launcher, but no skipjack launcher keeps the snapshot agents of this job on "
-                f"this machine ({self.directory.parent}); start the job with launch=torchrun or "
-                "launch=slurm, or set checkpoint.memory.agent=trainer",
-            )
-        if first == 0 and m.agent == "launcher":
-            request_agent(self.directory, shape if self.parity else None)
+        agent_group = shape if self.parity else None
+        if m.agent == "launcher":
+            if keeper_pid(self.directory.parent) is None:  # every rank says so
+                raise ConfigError(
+                    "checkpoint.memory.agent",
+                    f"launcher, but no skipjack launcher keeps the snapshot agents of this job "
+                    f"on this machine ({self.directory.parent}); start the job with "
+                    "launch=torchrun or launch=slurm, or set checkpoint.memory.agent=trainer",
+                )
+            if first == 0:
+                request_agent(self.directory, agent_group)
         elif first == 0:
-            ensure_agent(self.directory, m.linger, shape if self.parity else None)
+            ensure_agent(self.directory, m.linger, agent_group)
         dist.barrier(group=group)
         register_trainer(self.directory, rank)
         if self.parity is not None:

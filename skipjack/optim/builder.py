@@ -53,10 +53,8 @@ def build_optimizer(
         return torch.optim.AdamW(
             param_groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=device.type == "cuda"
         )
-    kind = GaLorePlusAdamW if cfg.name == "galore_plus" else GaLoreAdamW
-    g = cfg.galore  # the config's fields are the low-rank group's options
-    options = {key: getattr(g, key) for key in kind.low_rank_defaults}
-    options["rank"] = galore_rank(g, model_cfg)
+    kind = _galore_class(cfg)
+    options = low_rank_options(cfg, model_cfg)
     low_rank = [p for n, p in named if p.ndim == 2 and LOW_RANK.search(n)]
     chosen = set(low_rank)
     others = [p for _, p in named if p.ndim >= 2 and p not in chosen]
@@ -73,6 +71,17 @@ def build_optimizer(
         names={p: n for n, p in named},
         groups=groups,
     )
+
+
+def low_rank_options(cfg: OptimConfig, model_cfg: ModelConfig) -> dict:
+    """The options of the low-rank parameter group of `cfg` (optim=galore or galore_plus): the
+    config's GaLore fields the optimizer takes, and the rank (by preset when unset)."""
+    options = {key: getattr(cfg.galore, key) for key in _galore_class(cfg).low_rank_defaults}
+    return {**options, "rank": galore_rank(cfg.galore, model_cfg)}
+
+
+def _galore_class(cfg: OptimConfig) -> type[GaLoreAdamW]:
+    return GaLorePlusAdamW if cfg.name == "galore_plus" else GaLoreAdamW
 
 
 def planned_state_bytes(optimizer: torch.optim.Optimizer) -> int:
