@@ -1,6 +1,6 @@
 """Training regimes against full training, side by side in one run, through the CLI.
 
-    python bench/regimes.py [--steps 300] [--continued 150] [--est k=v,... ...]
+    python bench/regimes.py [--steps 300] [--continued 150] [--est k=v,... ... | --no-est]
                             [--sat k=v ...] [--json F] [--plot F]
 
 1. **Pre-training from scratch** on the built-in corpus (the default job: `tiny`, 8 x 256 tokens
@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--continued", type=int, default=150, help="0: no continual part")
     parser.add_argument("--est", action="append", default=None, help="k=v,... of regime.est")
+    parser.add_argument(
+        "--no-est", action="store_true", help="part 1 trains only the full model (part 2's base)"
+    )
     parser.add_argument("--sat", action="append", default=None, help="k=v;... of regime.sat")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -91,7 +94,7 @@ def main() -> None:
         saved = ["checkpoint=sharded", f"checkpoint.interval={args.steps}"]
         pre = parts["pre-training"]
         pre.append(summary("full", train(runs / "full", args.steps, saved)))
-        for i, setting in enumerate(args.est or [""]):
+        for i, setting in enumerate([] if args.no_est else args.est or [""]):
             overrides = ["regime=est"] + [f"regime.est.{kv}" for kv in setting.split(",") if kv]
             name = f"EST {setting}" if setting else "EST (defaults)"
             pre.append(summary(name, train(runs / f"est{i}", args.steps, overrides)))

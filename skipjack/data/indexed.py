@@ -7,12 +7,15 @@ rename the .bin then the .idx, so a prefix whose .idx exists is complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,16 +23,28 @@ import torch
 from skipjack.batch import IGNORE_INDEX, MicroBatch
 from skipjack.data.tokenizer import Tokenizer
 
-logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines would drown the run
-with warnings.catch_warnings():
-    warnings.simplefilter(
-        "ignore"
-    )  # megatron-core warns that Apex/TE are absent; they are optional
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
+if TYPE_CHECKING:
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+
+@functools.cache
+def _megatron() -> SimpleNamespace:
+    """megatron-core's dataset classes, imported at first use: importing megatron-core takes
+    about 3 s (it pulls in torch._inductor and wandb), which a process that reads no indexed
+    dataset (synthetic data, a restarted rank's tests) need not pay."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines would drown the run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron-core warns that Apex/TE are absent (optional)
+        from megatron.core.datasets import blended_megatron_dataset_builder as blended
+        from megatron.core.datasets import gpt_dataset, indexed_dataset
+    return SimpleNamespace(
+        builder=blended.BlendedMegatronDatasetBuilder,
+        gpt=gpt_dataset.GPTDataset,
+        gpt_config=gpt_dataset.GPTDatasetConfig,
+        indexed=indexed_dataset.IndexedDataset,
+        indexed_builder=indexed_dataset.IndexedDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -40,7 +55,7 @@ def write_indexed(documents: Iterable[Sequence[int]], prefix: str, vocab_size: i
     """Write token-id documents (eod already appended) as `<prefix>.bin/.idx`, atomically."""
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(vocab_size))
+    builder = _megatron().indexed_builder(f"{tmp}.bin", dtype=token_dtype(vocab_size))
     for ids in documents:
         builder.add_document(np.asarray(ids), [len(ids)])
     builder.finalize(f"{tmp}.idx")
@@ -82,7 +97,7 @@ def tokenize_documents(
 
 
 def open_indexed(prefix: str) -> IndexedDataset:
-    return IndexedDataset(prefix, multimodal=False, mmap=True)
+    return _megatron().indexed(prefix, multimodal=False, mmap=True)
 
 
 def build_gpt_datasets(
@@ -102,7 +117,8 @@ def build_gpt_datasets(
     cached under `cache_dir`. Needs a process group (megatron-core asks for the rank) and must be
     called on every rank of it (rank 0 builds first).
     """
-    config = GPTDatasetConfig(
+    megatron = _megatron()
+    config = megatron.gpt_config(
         random_seed=seed,
         sequence_length=seq_len,
         blend=(prefixes, weights),
@@ -116,8 +132,8 @@ def build_gpt_datasets(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train, valid, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [sizes[0], sizes[1], 0], lambda: True, config
+        train, valid, _ = megatron.builder(
+            megatron.gpt, [sizes[0], sizes[1], 0], lambda: True, config
         ).build()
     return train, valid
 

@@ -20,6 +20,7 @@ equivalents.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -27,13 +28,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # megatron-core warns that Apex/TE are absent
-    from megatron.core.tensor_parallel.mappings import (
-        copy_to_tensor_model_parallel_region,
-        reduce_from_tensor_model_parallel_region,
-    )
 
 from skipjack.batch import IGNORE_INDEX
 from skipjack.parallel.shard_spec import ShardSpec, set_spec
@@ -95,12 +89,23 @@ class _SequenceCollective(torch.autograd.Function):
         return ctx.backward_op(grad, ctx.tp), None, None, None
 
 
+@functools.cache
+def _mappings():
+    """megatron-core's tensor-parallel mappings, imported at the first tensor-parallel region:
+    importing megatron-core takes about 3 s here (it pulls in torch._inductor and wandb), which
+    every process of a job without tensor parallelism would pay at each start."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron-core warns that Apex/TE are absent
+        from megatron.core.tensor_parallel import mappings
+    return mappings
+
+
 def enter_tp(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     if tp.size == 1:
         return x
     if tp.sequence_parallel:
         return _SequenceCollective.apply(x, tp, _all_gather_seq, _reduce_scatter_seq)
-    return copy_to_tensor_model_parallel_region(x, group=tp.group)
+    return _mappings().copy_to_tensor_model_parallel_region(x, group=tp.group)
 
 
 def leave_tp(y: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
@@ -108,7 +113,7 @@ def leave_tp(y: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
         return y
     if tp.sequence_parallel:
         return _SequenceCollective.apply(y, tp, _reduce_scatter_seq, _all_gather_seq)
-    return reduce_from_tensor_model_parallel_region(y, group=tp.group)
+    return _mappings().reduce_from_tensor_model_parallel_region(y, group=tp.group)
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
