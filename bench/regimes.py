@@ -1,14 +1,16 @@
 """Training regimes against full training, side by side in one run, through the CLI.
 
-    python bench/regimes.py [--steps 300] [--continued 150] [--est k=v,... ... | --no-est]
-                            [--sat k=v ...] [--json F] [--plot F]
+    python bench/regimes.py [--steps 300] [--continued 150] [--continual-lr 2e-4]
+                            [--est k=v,... ... | --no-est] [--sat k=v ...] [--json F] [--plot F]
 
 1. **Pre-training from scratch** on the built-in corpus (the default job: `tiny`, 8 x 256 tokens
    a step, AdamW): the full model, then EST with each `--est` setting (overrides of
    `regime.est`; default: the shipped defaults).
 2. **Continual pre-training** from the full run's last checkpoint (`model.init_from`, another
-   data seed, `--continued` steps): the full model, then SAT with each `--sat` setting
-   (overrides of `regime.sat`).
+   data seed, `--continued` steps, a fresh LR schedule that warms up to `--continual-lr`,
+   default the default job's final LR: re-warmed to the pre-training's peak, the full model's
+   loss jumps by 10% and the run spends its steps recovering, not continuing): the full model,
+   then SAT with each `--sat` setting (overrides of `regime.sat`).
 
 Per run: training FLOPs (what the plans computed), FLOPs saved, training seconds (the steps
 alone, validation excluded), tokens/s, and the final validation loss with its excess over the
@@ -80,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--continued", type=int, default=150, help="0: no continual part")
+    parser.add_argument("--continual-lr", type=float, default=2e-4, help="peak LR of part 2")
     parser.add_argument("--est", action="append", default=None, help="k=v,... of regime.est")
     parser.add_argument(
         "--no-est", action="store_true", help="part 1 trains only the full model (part 2's base)"
@@ -99,7 +102,7 @@ def main() -> None:
             name = f"EST {setting}" if setting else "EST (defaults)"
             pre.append(summary(name, train(runs / f"est{i}", args.steps, overrides)))
         base = runs / "full" / "checkpoints" / f"step-{args.steps:07d}"
-        start = [f"model.init_from={base}", "train.seed=4321"]
+        start = [f"model.init_from={base}", "train.seed=4321", f"optim.lr={args.continual_lr}"]
         continued = parts["continual pre-training"]
         if args.continued:
             continued.append(summary("full", train(runs / "cont", args.continued, start)))

@@ -1,28 +1,32 @@
 """In-memory snapshots against persistent checkpoints, side by side in one run.
 
-    python bench/snapshot.py [--preset llama_130m] [--steps 4] [--accumulation 4] [--json F]
+    python bench/snapshot.py [--preset llama_130m] [--rounds 6] [--accumulation 4] [--json F]
 
-1. **Blocked time per step** (one process trains the preset, AdamW fp32: 1.6 GB of weights and
-   optimizer state with llama_130m), saving after every step in turn with: nothing; the memory
-   tier (`checkpoint.memory.interval=1`: a copy into /dev/shm in a background thread, waited for
-   before the next optimizer update); the persistent tier (asynchronous sharded DCP); and
-   `torch.save` of the state dict, synchronously. Blocked = the save call plus the wait before
-   the next update; overhead = the step time's growth over training without saves (the first
-   two steps, whose saves allocate buffers and files, not counted); restore = the tier's own
-   part of a restore into the live state (newest, then load), the training state already
-   allocated; for the persistent tier also with its files dropped from the page cache first
-   (cold: what a replacement machine reads; /dev/shm is memory, always warm).
+1. **What a save costs** (one process trains the preset, AdamW fp32: 1.6 GB of weights and
+   optimizer state with llama_130m) with: nothing; the memory tier
+   (`checkpoint.memory.interval=1`: host tensors copied into /dev/shm at once); the persistent
+   tier (asynchronous sharded DCP); and `torch.save` of the state dict, synchronously.
+   Interleaved, so that this VM's drift from minute to minute (a second per step) falls on every
+   way alike: each round runs, for every way in turn, a step that saves and one that does not
+   (where an asynchronous save's background work lands); a save's cost is its pair's time over
+   the same round's pair without saves (median over `--rounds` rounds, after two rounds whose
+   saves allocate buffers and files); overhead = that cost over a step's time, what saving
+   after every step adds. Blocked = the save call plus the waits before the next updates;
+   restore = the tier's own part of a restore into the live state (newest, then load), the
+   training state already allocated; for the persistent tier also with its files dropped from
+   the page cache first (cold: what a replacement machine reads; /dev/shm is memory).
 2. **Erasure coding throughput**: a group of 4 nodes, each with a snapshot of `--blob-mb` MB;
    parity of every row (XOR for m=1, Reed-Solomon with zfec for m=2) and the rebuild of m lost
    nodes, in MB of snapshot per second (one core).
 3. **Recovery**: the same preset trained by the CLI under plain `torchrun --max-restarts=1`, its
-   rank SIGKILLed as step 3 starts (`SKIPJACK_KILL=0@3`), once restoring from the memory tier and
-   once from the persistent tier (both saving every step, so no step is lost): the time from the
-   end of step 2 (the kill) to the end of the first step after the restart, and its restore alone
-   (from the log). Last, the expected time a failure costs at equal overhead: the persistent tier
-   can afford one save every `overhead persistent / overhead memory` steps (overhead: the step
-   time's growth) for the memory tier's cost, so a failure loses half that interval of steps on
-   top of its recovery.
+   rank SIGKILLed as step 3 starts (`SKIPJACK_KILL=0@3`, once step 2's saves are complete), once
+   restoring from the memory tier and once from the persistent tier (both saving every step, so
+   no step is lost): the time from the kill to the end of the first step after the restart, the
+   same without that step's own time (ready: restarted and restored), and the restore alone
+   (from the log). Last, the expected time a failure costs at equal overhead: the persistent
+   tier can afford one save every `cost persistent / cost memory` steps for the memory tier's
+   cost (a cost: at least the time a save blocks the step), so a failure loses half that
+   interval of steps on top of its recovery.
 """
 
 from __future__ import annotations
@@ -57,11 +61,11 @@ from skipjack.trainer.engine import NativeEngine
 from skipjack.trainer.metrics import read_metrics
 from skipjack.trainer.trainer import training_state
 
-WARMUP = 2  # steps whose saves allocate buffers and files (both of the memory tier's slots)
+WARMUP = 2  # rounds whose saves allocate buffers and files (both of the memory tier's slots)
 
 
 def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
-    """Median step time and blocked time per step of each way of saving (part 1)."""
+    """Each way of saving's cost per save and blocked time, interleaved (part 1)."""
     device = torch.device("cpu")
     init_distributed(device)
     dims = ParallelDims(dp=1).build_groups()
@@ -72,11 +76,7 @@ def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
     data = SyntheticSamples(1000, args.seq_len, cfg.vocab_size)
     loader = ShardedLoader(data, args.accumulation, 1, 0, 1)
     state = training_state(engine, loader)
-
-    def forward_backward() -> None:
-        engine.forward_backward(loader.next())
-
-    forward_backward()
+    engine.forward_backward(loader.next())
     engine.optimizer_step()  # the optimizer state exists from here on
     memory = MemoryConfig(interval=1, ranks_per_node=1, root=args.shm)
     policies = {
@@ -85,49 +85,70 @@ def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
         "persistent async": CheckpointConfig(interval=1, dir=str(root / "dcp"), keep_last=1),
         "torch.save": "torch.save",
     }
-    rows = {}
-    for name, policy in policies.items():
-        manager = None
-        if isinstance(policy, CheckpointConfig):
-            manager = CheckpointManager.for_job(policy, cfg, dims, lead=True)
-        steps, blocked = [], []
-        for step in range(1, args.steps + WARMUP + 1):
-            start = time.perf_counter()
-            forward_backward()
-            wait = time.perf_counter()
-            if manager is not None:
-                manager.before_update()
-            waited = time.perf_counter() - wait
-            engine.optimizer_step()
-            save = time.perf_counter()
-            if manager is not None:
-                manager.save(step, state)
-            elif policy == "torch.save":
-                gathered = {
-                    "model": engine.model.state_dict(),
-                    "optim": engine.optimizer.state_dict(),
-                }
-                with replacing(root / "torch.pt") as tmp:
-                    torch.save(gathered, tmp)
-            end = time.perf_counter()
-            if step > WARMUP:
-                steps.append(end - start)
-                blocked.append(waited + end - save)
-        rows[name] = {"step_s": statistics.median(steps), "blocked_s": statistics.median(blocked)}
+    managers = {
+        name: CheckpointManager.for_job(policy, cfg, dims, lead=True)
+        for name, policy in policies.items()
+        if isinstance(policy, CheckpointConfig)
+    }
+
+    def step(name: str, save: bool, number: int) -> tuple[float, float]:
+        """One training step, saved with `name`'s way when `save`: (seconds, blocked)."""
+        manager = managers.get(name)
+        start = time.perf_counter()
+        engine.forward_backward(loader.next())
+        wait = time.perf_counter()
         if manager is not None:
-            manager.wait()
-            tier = manager.tiers[0]  # the one this policy saves to
+            manager.before_update()
+        waited = time.perf_counter() - wait
+        engine.optimizer_step()
+        saving = time.perf_counter()
+        if save and manager is not None:
+            manager.save(number, state)
+        elif save and name == "torch.save":
+            gathered = {"model": engine.model.state_dict(), "optim": engine.optimizer.state_dict()}
+            with replacing(root / "torch.pt") as tmp:
+                torch.save(gathered, tmp)
+        end = time.perf_counter()
+        return end - start, waited + (end - saving if save else 0.0)
+
+    pairs: dict[str, list[float]] = {name: [] for name in policies}
+    blocked: dict[str, list[float]] = {name: [] for name in policies}
+    number = 0
+    for round_ in range(WARMUP + args.rounds):
+        for name in policies:
+            # a step that saves, then one that does not (where an asynchronous save's
+            # background work lands): the pair's time against the same round's pair of
+            # steps without saves is what one save costs
+            number += 2
+            (first, held), (second, waited) = step(name, True, number), step(name, False, 0)
+            if round_ >= WARMUP:
+                pairs[name].append(first + second)
+                blocked[name].append(held + waited)
+    base = pairs["no saves"]
+    rows = {}
+    for name in policies:
+        costs = [pair - none for pair, none in zip(pairs[name], base, strict=True)]
+        rows[name] = {
+            "step_s": statistics.median(base) / 2,
+            "save_cost_s": statistics.median(costs),
+            "save_cost_range_s": [min(costs), max(costs)],
+            "blocked_s": statistics.median(blocked[name]),
+        }
+    for name, manager in managers.items():
+        manager.wait()
+        tier = manager.tiers[0]  # the one this policy saves to
+        start = time.perf_counter()
+        tier.newest()
+        tier.load(state)
+        rows[name]["restore_s"] = time.perf_counter() - start
+        policy = policies[name]
+        if policy.interval:  # again, its files read from the disk, as a new machine would
+            evict_from_page_cache(Path(policy.dir))
             start = time.perf_counter()
             tier.newest()
             tier.load(state)
-            rows[name]["restore_s"] = time.perf_counter() - start
-            if policy.interval:  # again, its files read from the disk, as a new machine would
-                evict_from_page_cache(Path(policy.dir))
-                start = time.perf_counter()
-                tier.newest()
-                tier.load(state)
-                rows[name]["restore_cold_s"] = time.perf_counter() - start
-            manager.close()
+            rows[name]["restore_cold_s"] = time.perf_counter() - start
+        manager.close()
     parts = {part: state[part] for part in ("model", "optim")}
     size = sum(t.numel() * t.element_size() for t in flat_state(parts).values())
     rows["no saves"]["state_bytes"] = size
@@ -176,7 +197,7 @@ def erasure_rates(blob_mb: int) -> dict[str, dict[str, float]]:
 
 def recovery(args, root: Path, tier: str) -> dict[str, float]:
     """Kill the CLI's rank as step 3 starts; seconds from the kill to the end of the first step
-    after the restart, and the restore alone (part 3)."""
+    after the restart, to the start of that step, and the restore alone (part 3)."""
     run = root / f"run-{tier}"
     saves = (
         ["checkpoint.memory.interval=1", "checkpoint.interval=0"]
@@ -201,17 +222,19 @@ def recovery(args, root: Path, tier: str) -> dict[str, float]:
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
     rows = read_metrics(run)
-    killed = max(r["time"] for r in rows if r["step"] == 2)
-    back = max(r["time"] for r in rows if r["step"] == 3)
+    killed = float(re.search(r"SKIPJACK_KILL: .* time ([0-9.]+)", result.stdout).group(1))
+    back = [r for r in rows if r["step"] == 3 and "loss" in r][-1]
+    step_s = args.seq_len / back["tokens_per_s"]  # one sequence a step
     restore = float(re.search(r"restored in ([0-9.]+) s", result.stdout).group(1))
     assert f"of the {tier} tier" in result.stdout, result.stdout
-    return {"kill_to_step_s": back - killed, "restore_s": restore}
+    kill_to_step = back["time"] - killed
+    return {"kill_to_step_s": kill_to_step, "ready_s": kill_to_step - step_s, "restore_s": restore}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama_130m")
-    parser.add_argument("--steps", type=int, default=4, help="measured steps per way of saving")
+    parser.add_argument("--rounds", type=int, default=6, help="measured saves per way of saving")
     parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--blob-mb", type=int, default=256)
@@ -237,29 +260,35 @@ def run(args, root: Path) -> dict:
     print(
         f"\n{args.preset} ({params / 1e6:.0f}M parameters, AdamW fp32, "
         f"{blocked['no saves']['state_bytes'] / 1e9:.2f} GB of state), CPU, one process, "
-        f"{tokens} tokens per step; median of {args.steps} steps"
+        f"{tokens} tokens per step of {base:.2f} s; median of {args.rounds} interleaved rounds"
     )
     print(
-        f"{'save every step':<20}{'step s':>8}{'blocked s':>11}{'overhead':>10}{'restore s':>11}"
-        f"{'cold s':>8}"
+        f"{'save':<20}{'cost s':>8}{'overhead':>10}{'range':>16}{'blocked s':>11}"
+        f"{'restore s':>11}{'cold s':>8}"
     )
-    for name, row in blocked.items():
+    for name, row in list(blocked.items())[1:]:
+        low, high = (100 * c / base for c in row["save_cost_range_s"])
         restore = f"{row['restore_s']:>11.2f}" if "restore_s" in row else ""
         restore += f"{row['restore_cold_s']:>8.2f}" if "restore_cold_s" in row else ""
         print(
-            f"{name:<20}{row['step_s']:>8.3f}{row['blocked_s']:>11.3f}"
-            f"{(row['step_s'] / base - 1) * 100:>9.1f}%{restore}"
+            f"{name:<20}{row['save_cost_s']:>8.3f}{100 * row['save_cost_s'] / base:>9.1f}%"
+            f"{f'{low:.1f}..{high:.1f}%':>16}{row['blocked_s']:>11.3f}{restore}"
         )
     rates = erasure_rates(args.blob_mb)
     print(f"\n{'erasure code (4 nodes)':<26}{'encode MB/s':>12}{'rebuild MB/s':>13}")
     for name, row in rates.items():
         print(f"{name:<26}{row['encode_MBps']:>12.0f}{row['rebuild_MBps']:>13.0f}")
-    print(f"\n{'recovery from':<16}{'kill -> step s':>15}{'restore s':>10}")
+    print(f"\n{'recovery from':<16}{'kill -> step s':>15}{'ready s':>9}{'restore s':>10}")
     for tier, row in recovered.items():
-        print(f"{tier:<16}{row['kill_to_step_s']:>15.2f}{row['restore_s']:>10.2f}")
+        print(
+            f"{tier:<16}{row['kill_to_step_s']:>15.2f}{row['ready_s']:>9.2f}"
+            f"{row['restore_s']:>10.2f}"
+        )
     memory, persistent = recovered["memory"], recovered["persistent"]
     saving = ("memory tier", "persistent async")
-    cost = {n: max(blocked[n]["step_s"] / base - 1, 0.01) for n in saving}
+    # a save costs at least the time it blocks the step (the pairs' noise is larger than the
+    # memory tier's whole cost on this VM)
+    cost = {n: max(blocked[n]["save_cost_s"], blocked[n]["blocked_s"]) for n in saving}
     interval = max(1, round(cost["persistent async"] / cost["memory tier"]))
     lost = {
         "memory": memory["kill_to_step_s"],

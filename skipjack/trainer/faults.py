@@ -2,7 +2,8 @@
 makes global rank <rank> SIGKILL itself as step <step> starts (once the snapshots and saves of
 the steps before it are written, parity included, so that what a restart finds does not depend
 on timing), on the job's first attempt only
-(torchrun's TORCHELASTIC_RESTART_COUNT unset or 0), so the restarted job runs through;
+(torchrun's TORCHELASTIC_RESTART_COUNT unset or 0), so the restarted job runs through; the
+rank says so first, with the time (Unix seconds) of the kill;
 `<rank>@<step>:node` loses the rank's whole node: its snapshot agent is killed and the node's
 snapshots removed first, as if the machine were gone; several, comma-separated
 (docs/fault-tolerance.md)."""
@@ -12,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,4 +46,8 @@ def inject_fault(
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(node, ignore_errors=True)
+    lost = "its node" if kills[rank] == "node" else "itself"
+    now = time.time()
+    print(f"skipjack: SKIPJACK_KILL: rank {rank} kills {lost} at step {step}, time {now:.3f}")
+    sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
