@@ -8,13 +8,15 @@
    tier (asynchronous sharded DCP); and `torch.save` of the state dict, synchronously.
    Interleaved, so that this VM's drift from minute to minute (a second per step) falls on every
    way alike: each round runs, for every way in turn, a step that saves and one that does not
-   (where an asynchronous save's background work lands); a save's cost is its pair's time over
-   the same round's pair without saves (median over `--rounds` rounds, after two rounds whose
-   saves allocate buffers and files); overhead = that cost over a step's time, what saving
-   after every step adds. Blocked = the save call plus the waits before the next updates;
-   restore = the tier's own part of a restore into the live state (newest, then load), the
-   training state already allocated; for the persistent tier also with its files dropped from
-   the page cache first (cold: what a replacement machine reads; /dev/shm is memory).
+   (where an asynchronous save's background work lands), then writes the page cache out
+   untimed (else a save's writeback lands on the next way's pair); a save's cost is its pair's
+   time over the same round's pair without saves (median over `--rounds` rounds, after two
+   rounds whose saves allocate buffers and files); overhead = that cost over a step's time,
+   what saving after every step adds. Blocked = the save call plus the waits before the next
+   updates; restore = the tier's own part of a restore into the live state (newest, then
+   load), the training state already allocated; for the persistent tier also with its files
+   dropped from the page cache first (cold: what a replacement machine reads; /dev/shm is
+   memory).
 2. **Erasure coding throughput**: a group of 4 nodes, each with a snapshot of `--blob-mb` MB;
    parity of every row (XOR for m=1, Reed-Solomon with zfec for m=2) and the rebuild of m lost
    nodes, in MB of snapshot per second (one core).
@@ -121,6 +123,7 @@ def blocked_per_step(args, root: Path) -> dict[str, dict[str, float]]:
             # steps without saves is what one save costs
             number += 2
             (first, held), (second, waited) = step(name, True, number), step(name, False, 0)
+            os.sync()  # the saves' dirty pages written out, untimed: not the next pair's cost
             if round_ >= WARMUP:
                 pairs[name].append(first + second)
                 blocked[name].append(held + waited)
