@@ -1,4 +1,5 @@
-"""The single-GPU paths: bf16 autocast, NCCL, fused AdamW, MFU, GaLore+ and checkpoints on CUDA.
+"""The single-GPU paths: bf16 autocast, NCCL, fused AdamW, MFU, GaLore+, checkpoints and the
+memory tier's staging on CUDA.
 
 Skipped without CUDA (tests/conftest.py); `bash bench/gpu_check.sh` runs them. Each checks only
 what differs on CUDA; the CPU suite covers the rest of the same paths: the default job through the
@@ -140,3 +141,50 @@ def test_checkpoint_save_and_resume_on_cuda_is_bitwise(cuda_world, tmp_path):
     assert sorted(resumed) == [5, 6, 7, 8]
     assert all(math.isfinite(v) for v in straight.values())
     assert all(resumed[s] == straight[s] for s in resumed), (straight, resumed)
+
+
+class CudaWeights:
+    """A state part holding one CUDA tensor, restored in place."""
+
+    def __init__(self, value: float, device: torch.device):
+        self.w = torch.full((4096, 4096), value, device=device)  # 64 MiB
+
+    def state_dict(self):
+        return {"w": self.w}
+
+    def load_state_dict(self, state):
+        assert state["w"] is self.w
+
+
+def test_memory_tier_stages_cuda_state_and_restores_it_bitwise(cuda_world, tmp_path, monkeypatch):
+    """The memory tier's GPU path: a snapshot of CUDA tensors goes through pinned buffers and
+    the background writer; what changes after `before_update` is not in it; the newest
+    snapshot restores into the CUDA tensors in place, bitwise; closing leaves nothing."""
+    from skipjack.checkpoint.memory import MemoryTier
+    from skipjack.checkpoint.state import Progress
+    from skipjack.config import CheckpointConfig
+    from skipjack.config.checkpoint import MemoryConfig
+
+    monkeypatch.setenv("SKIPJACK_JOB_ID", f"gpu-memory-{time.time_ns()}")
+    memory = MemoryConfig(interval=1, ranks_per_node=1, root=str(tmp_path))
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"), memory=memory)
+    tier = MemoryTier(cfg, ParallelDims(dp=1).build_groups())
+    weights = CudaWeights(0.0, cuda_world)
+    for step in (1, 2):
+        weights.w.normal_()
+        expected = weights.w.cpu()
+        tier.save(step, {"model": weights, "trainer": Progress(step)})
+        assert tier._staging.staged
+        assert all(b.is_pinned() for b in tier._staging.buffers.values())
+        tier.before_update()  # the copy in flight is done: the update may change the weights
+        weights.w.add_(1.0)
+    tier.wait()
+    restored = CudaWeights(7.0, cuda_world)
+    progress = Progress()
+    assert tier.newest() == 2
+    tier.load({"model": restored, "trainer": progress})
+    assert progress.step == 2
+    assert torch.equal(restored.w.cpu(), expected)
+    directory = tier.directory
+    tier.close()
+    assert not directory.parent.exists()
