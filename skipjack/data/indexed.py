@@ -7,9 +7,7 @@ rename the .bin then the .idx, so a prefix whose .idx exists is complete.
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,28 +20,24 @@ import torch
 
 from skipjack.batch import IGNORE_INDEX, MicroBatch
 from skipjack.data.tokenizer import Tokenizer
+from skipjack.megatron_core import megatron_module
 
 if TYPE_CHECKING:
     from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 
-@functools.cache
 def _megatron() -> SimpleNamespace:
-    """megatron-core's dataset classes, imported at first use: importing megatron-core takes
-    about 3 s (it pulls in torch._inductor and wandb), which a process that reads no indexed
-    dataset (synthetic data, a restarted rank's tests) need not pay."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines would drown the run
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # megatron-core warns that Apex/TE are absent (optional)
-        from megatron.core.datasets import blended_megatron_dataset_builder as blended
-        from megatron.core.datasets import gpt_dataset, indexed_dataset
+    """megatron-core's dataset classes (imported at first use: skipjack/megatron_core.py)."""
+    builder = megatron_module("datasets.blended_megatron_dataset_builder")
+    gpt = megatron_module("datasets.gpt_dataset")
+    indexed = megatron_module("datasets.indexed_dataset")
     return SimpleNamespace(
-        builder=blended.BlendedMegatronDatasetBuilder,
-        gpt=gpt_dataset.GPTDataset,
-        gpt_config=gpt_dataset.GPTDatasetConfig,
-        indexed=indexed_dataset.IndexedDataset,
-        indexed_builder=indexed_dataset.IndexedDatasetBuilder,
+        builder=builder.BlendedMegatronDatasetBuilder,
+        gpt=gpt.GPTDataset,
+        gpt_config=gpt.GPTDatasetConfig,
+        indexed=indexed.IndexedDataset,
+        indexed_builder=indexed.IndexedDatasetBuilder,
     )
 
 

@@ -20,8 +20,6 @@ equivalents.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipjack.batch import IGNORE_INDEX
+from skipjack.megatron_core import megatron_module
 from skipjack.parallel.shard_spec import ShardSpec, set_spec
 
 SEQ_DIM = 1
@@ -89,15 +88,8 @@ class _SequenceCollective(torch.autograd.Function):
         return ctx.backward_op(grad, ctx.tp), None, None, None
 
 
-@functools.cache
 def _mappings():
-    """megatron-core's tensor-parallel mappings, imported at the first tensor-parallel region:
-    importing megatron-core takes about 3 s here (it pulls in torch._inductor and wandb), which
-    every process of a job without tensor parallelism would pay at each start."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # megatron-core warns that Apex/TE are absent
-        from megatron.core.tensor_parallel import mappings
-    return mappings
+    return megatron_module("tensor_parallel.mappings")  # imported at the first TP region
 
 
 def enter_tp(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
