@@ -2,7 +2,8 @@
 
 A dataset is a prefix with `<prefix>.bin` (token ids) and `<prefix>.idx` (sequence index); each
 document ends with the tokenizer's end-of-document token. Writers build under a temporary name and
-rename the .bin then the .idx, so a prefix whose .idx exists is complete.
+rename the .bin then the .idx, so a prefix whose .idx exists is complete. megatron-core's modules
+are imported at first use (skipjack/megatron_core.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,20 +27,6 @@ if TYPE_CHECKING:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 
-def _megatron() -> SimpleNamespace:
-    """megatron-core's dataset classes (imported at first use: skipjack/megatron_core.py)."""
-    builder = megatron_module("datasets.blended_megatron_dataset_builder")
-    gpt = megatron_module("datasets.gpt_dataset")
-    indexed = megatron_module("datasets.indexed_dataset")
-    return SimpleNamespace(
-        builder=builder.BlendedMegatronDatasetBuilder,
-        gpt=gpt.GPTDataset,
-        gpt_config=gpt.GPTDatasetConfig,
-        indexed=indexed.IndexedDataset,
-        indexed_builder=indexed.IndexedDatasetBuilder,
-    )
-
-
 def token_dtype(vocab_size: int) -> type[np.number]:
     return np.uint16 if vocab_size < 65500 else np.int32
 
@@ -49,7 +35,9 @@ def write_indexed(documents: Iterable[Sequence[int]], prefix: str, vocab_size: i
     """Write token-id documents (eod already appended) as `<prefix>.bin/.idx`, atomically."""
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
-    builder = _megatron().indexed_builder(f"{tmp}.bin", dtype=token_dtype(vocab_size))
+    builder = megatron_module("datasets.indexed_dataset").IndexedDatasetBuilder(
+        f"{tmp}.bin", dtype=token_dtype(vocab_size)
+    )
     for ids in documents:
         builder.add_document(np.asarray(ids), [len(ids)])
     builder.finalize(f"{tmp}.idx")
@@ -91,7 +79,8 @@ def tokenize_documents(
 
 
 def open_indexed(prefix: str) -> IndexedDataset:
-    return _megatron().indexed(prefix, multimodal=False, mmap=True)
+    indexed = megatron_module("datasets.indexed_dataset")
+    return indexed.IndexedDataset(prefix, multimodal=False, mmap=True)
 
 
 def build_gpt_datasets(
@@ -111,8 +100,8 @@ def build_gpt_datasets(
     cached under `cache_dir`. Needs a process group (megatron-core asks for the rank) and must be
     called on every rank of it (rank 0 builds first).
     """
-    megatron = _megatron()
-    config = megatron.gpt_config(
+    gpt = megatron_module("datasets.gpt_dataset")
+    config = gpt.GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_len,
         blend=(prefixes, weights),
@@ -126,8 +115,9 @@ def build_gpt_datasets(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train, valid, _ = megatron.builder(
-            megatron.gpt, [sizes[0], sizes[1], 0], lambda: True, config
+        blended = megatron_module("datasets.blended_megatron_dataset_builder")
+        train, valid, _ = blended.BlendedMegatronDatasetBuilder(
+            gpt.GPTDataset, [sizes[0], sizes[1], 0], lambda: True, config
         ).build()
     return train, valid
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +47,6 @@ def inject_fault(
         shutil.rmtree(node, ignore_errors=True)
     lost = "its node" if kills[rank] == "node" else "itself"
     now = time.time()
-    print(f"skipjack: SKIPJACK_KILL: rank {rank} kills {lost} at step {step}, time {now:.3f}")
-    sys.stdout.flush()
+    print(f"skipjack: SKIPJACK_KILL: rank {rank} kills {lost} at step {step}, time {now:.3f}",
+          flush=True)  # fmt: skip
     os.kill(os.getpid(), signal.SIGKILL)
