@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from itertools import takewhile
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from skipjack.atomic import replacing
 from skipjack.trainer.engine import StepResult
+
+METRICS, SUPERSEDED = "metrics.jsonl", "metrics.superseded.jsonl"
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -56,7 +59,8 @@ class Metrics:
         self.tokens_total = 0
         self.history: list[dict] = []
         self.wandb_run = wandb_run
-        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.run_dir = run_dir
+        self._file = None  # opened by `begin`
         self._progress = None
         if enabled and progress:
             self._progress = Progress(
@@ -71,9 +75,28 @@ class Metrics:
                 "train", total=total_steps, loss=float("nan"), tps=0.0
             )
 
-    def resume(self, tokens: int, flops: float, dense_flops: float) -> None:
-        """Continue the totals of a resumed run."""
-        self.tokens_total, self.flops_total, self.dense_total = tokens, flops, dense_flops
+    def begin(self, resumed: tuple[int, int, float, float] | None = None) -> None:
+        """Open `metrics.jsonl` as this run's one history before the first step. `resumed`:
+        (step, tokens, flops, dense_flops) of the checkpoint the run continues from, whose
+        totals it carries on; None for a fresh start. The records of later steps, written by a
+        timeline the restart abandoned (or, fresh, every record of an earlier run in this
+        directory), move to `metrics.superseded.jsonl`: the history has one record per step,
+        and the loss plot draws it whole, across restarts."""
+        if resumed is not None:
+            step, self.tokens_total, self.flops_total, self.dense_total = resumed
+        if not self.enabled:
+            return
+        path = self.run_dir / METRICS
+        records = read_metrics(self.run_dir) if path.exists() else []
+        kept = [] if resumed is None else list(takewhile(lambda r: r["step"] <= step, records))
+        if len(kept) < len(records):
+            with open(self.run_dir / SUPERSEDED, "a") as out:
+                out.writelines(json.dumps(r) + "\n" for r in records[len(kept) :])
+        if path.exists():  # rewritten whole: also drops a torn last line
+            with replacing(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.history = kept
+        self._file = open(path, "a")  # noqa: SIM115
 
     def step(
         self,
@@ -147,8 +170,12 @@ class Metrics:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records a run wrote to `<run dir>/metrics.jsonl`, in order."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
+    lines = [line for line in (Path(run_dir) / METRICS).read_text().splitlines() if line]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:  # the last line may be torn: its writer killed in the middle of it
+        return records + [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        return records
 
 
 def _perplexity(loss: float) -> float:

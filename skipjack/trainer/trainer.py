@@ -228,9 +228,7 @@ class Trainer:
                 "starting fresh"
             )
         if restored is not None:
-            progress = self.state["trainer"]
-            self.start = progress.step
-            self.metrics.resume(progress.tokens, progress.flops, progress.dense_flops)
+            self.start = self.state["trainer"].step
             if self.lead:
                 print(
                     f"skipjack: resumed from {self.checkpoints.restored_from} "
@@ -245,6 +243,12 @@ class Trainer:
                 print(f"skipjack: weights from {job.model.init_from}")
         if self.lead and getattr(self.engine, "skippipe", None) is not None:
             print(f"skipjack: {self.engine.skippipe.describe()}")  # the paths it runs
+        progress = self.state["trainer"]
+        self.metrics.begin(
+            (self.start, progress.tokens, progress.flops, progress.dense_flops)
+            if self.restored
+            else None
+        )
 
     @property
     def _snapshots(self) -> Path | None:
