@@ -1,7 +1,8 @@
 """Training regimes against full training, side by side in one run, through the CLI.
 
     python bench/regimes.py [--steps 300] [--continued 150] [--continual-lr 2e-4]
-                            [--est k=v,... ... | --no-est] [--sat k=v ...] [--json F] [--plot F]
+                            [--est k=v,... ... | --no-est | --base STEP_DIR] [--sat k=v ...]
+                            [--json F] [--plot F]
 
 1. **Pre-training from scratch** on the built-in corpus (the default job: `tiny`, 8 x 256 tokens
    a step, AdamW): the full model, then EST with each `--est` setting (overrides of
@@ -10,7 +11,8 @@
    data seed, `--continued` steps, a fresh LR schedule that warms up to `--continual-lr`,
    default the default job's final LR: re-warmed to the pre-training's peak, the full model's
    loss jumps by 10% and the run spends its steps recovering, not continuing): the full model,
-   then SAT with each `--sat` setting (overrides of `regime.sat`).
+   then SAT with each `--sat` setting (overrides of `regime.sat`). `--base`: from that
+   checkpoint instead (a step directory of a run of the default job), without part 1.
 
 Per run: training FLOPs (what the plans computed), FLOPs saved, training seconds (the steps
 alone, validation excluded), tokens/s, and the final validation loss with its excess over the
@@ -88,6 +90,9 @@ def main() -> None:
         "--no-est", action="store_true", help="part 1 trains only the full model (part 2's base)"
     )
     parser.add_argument("--sat", action="append", default=None, help="k=v;... of regime.sat")
+    parser.add_argument(
+        "--base", type=Path, help="part 2 starts from this checkpoint (step dir); no part 1"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -96,12 +101,13 @@ def main() -> None:
         runs = Path(tmp)
         saved = ["checkpoint=sharded", f"checkpoint.interval={args.steps}"]
         pre = parts["pre-training"]
-        pre.append(summary("full", train(runs / "full", args.steps, saved)))
-        for i, setting in enumerate([] if args.no_est else args.est or [""]):
+        if args.base is None:
+            pre.append(summary("full", train(runs / "full", args.steps, saved)))
+        for i, setting in enumerate([] if args.no_est or args.base else args.est or [""]):
             overrides = ["regime=est"] + [f"regime.est.{kv}" for kv in setting.split(",") if kv]
             name = f"EST {setting}" if setting else "EST (defaults)"
             pre.append(summary(name, train(runs / f"est{i}", args.steps, overrides)))
-        base = runs / "full" / "checkpoints" / f"step-{args.steps:07d}"
+        base = args.base or runs / "full" / "checkpoints" / f"step-{args.steps:07d}"
         start = [f"model.init_from={base}", "train.seed=4321", f"optim.lr={args.continual_lr}"]
         continued = parts["continual pre-training"]
         if args.continued:
